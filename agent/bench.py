@@ -1,0 +1,277 @@
+"""`emotion-agent bench VIDEO`: the agent's speed on a video file, with two references measured in
+the same run: decode only (the ceiling) and the classic blog pipeline (Haar + Keras per face).
+
+Figures: frames/s, per-stage latency p50/p99, CPU seconds per frame, peak memory, and start-up
+time to the first processed frame. No broker is involved: messages are built and kept in memory,
+so the publish stage measures the agent's own work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+
+from agent.capture import VideoFileSource
+from agent.config import load_config
+from agent.errors import AgentError, SourceError
+from agent.progress import Progress
+from agent.stats import STAGES, StageTimes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineFigures:
+    frames: int
+    seconds: float
+    fps: float
+    cpu_s_per_frame: float
+    latency_ms: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchResult:
+    video: str
+    frames_in_video: int
+    agent: PipelineFigures
+    startup_s: float
+    peak_rss_mib: float
+    events: int
+    decode_only: PipelineFigures | None = None
+    classic: PipelineFigures | None = None
+    ratios: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _FirstFrame:
+    """Stands in for the systemd notifier: notes when the first frame was processed."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def ready(self) -> None:
+        if self.at is None:
+            self.at = time.perf_counter()
+
+    def watchdog(self) -> None:
+        pass
+
+    def status(self, text: str) -> None:
+        pass
+
+    def stopping(self) -> None:
+        pass
+
+
+def _frame_count(video: str) -> int:
+    cap = cv2.VideoCapture(video)
+    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    cap.release()
+    return max(count, 0)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _latencies(samples: dict[str, list[float]]) -> dict:
+    import numpy as np
+
+    return {stage: {"p50": round(float(np.percentile(v, 50)) * 1000, 3),
+                    "p99": round(float(np.percentile(v, 99)) * 1000, 3)}
+            for stage, v in samples.items() if v}
+
+
+def bench_agent(video: str, config_path: str | None, max_frames: int | None) -> tuple[PipelineFigures, float, int]:
+    from agent.mqtt import MemoryPublisher
+    from agent.pipeline import build_agent
+
+    start = time.perf_counter()
+    cfg = load_config(config_path, {"source": video})
+    agent = build_agent(cfg, source=VideoFileSource(video), publisher=MemoryPublisher())
+    first = _FirstFrame()
+    agent.notifier = first
+    agent.times = StageTimes(window=10 ** 7)
+    total = min(_frame_count(video) or 0, max_frames or 10 ** 9) or None
+    progress = Progress("agent", total)
+
+    def on_frame() -> None:
+        progress.update()
+        if max_frames and agent.times.frames >= max_frames:
+            agent.stop()
+
+    agent.on_frame = on_frame
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    result = agent.run()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    progress.close()
+    agent.source.close()
+    startup = (first.at - start) if first.at else float("nan")
+    samples = {s: list(agent.times.samples.get(s, [])) for s in STAGES}
+    figures = PipelineFigures(frames=result.frames, seconds=round(wall, 3), fps=round(result.frames / wall, 2),
+                              cpu_s_per_frame=round(cpu / max(result.frames, 1), 5), latency_ms=_latencies(samples))
+    return figures, round(startup, 3), result.events
+
+
+def bench_decode(video: str, max_frames: int | None) -> PipelineFigures:
+    cap = cv2.VideoCapture(video)
+    frames = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while not max_frames or frames < max_frames:
+        ok, _ = cap.read()
+        if not ok:
+            break
+        frames += 1
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    cap.release()
+    return PipelineFigures(frames=frames, seconds=round(wall, 3), fps=round(frames / wall, 2),
+                           cpu_s_per_frame=round(cpu / max(frames, 1), 5))
+
+
+def bench_classic(video: str, max_frames: int | None) -> PipelineFigures:
+    from agent.classic import ClassicPipeline
+
+    pipeline = ClassicPipeline()
+    cap = cv2.VideoCapture(video)
+    warm_ok, warm = cap.read()
+    if warm_ok:
+        pipeline.model.predict(cv2.resize(cv2.cvtColor(warm, cv2.COLOR_BGR2GRAY), (48, 48))[None, :, :, None] / 255.0,
+                               verbose=0)  # the first predict builds the graph: not part of steady state
+    cap.release()
+    cap = cv2.VideoCapture(video)
+    samples: dict[str, list[float]] = {"decode": [], "detect": [], "classify": []}
+    total = min(_frame_count(video) or 0, max_frames or 10 ** 9) or None
+    progress = Progress("classic", total)
+    frames = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while not max_frames or frames < max_frames:
+        t = time.perf_counter()
+        ok, frame = cap.read()
+        if not ok:
+            break
+        samples["decode"].append(time.perf_counter() - t)
+        _, detect_s, classify_s = pipeline.process(frame)
+        samples["detect"].append(detect_s)
+        samples["classify"].append(classify_s)
+        frames += 1
+        progress.update()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    progress.close()
+    cap.release()
+    return PipelineFigures(frames=frames, seconds=round(wall, 3), fps=round(frames / wall, 2),
+                           cpu_s_per_frame=round(cpu / max(frames, 1), 5), latency_ms=_latencies(samples))
+
+
+def run_bench(video: str, *, config_path: str | None = None, max_frames: int | None = None,
+              decode: bool = True, classic: bool = True) -> BenchResult:
+    if not Path(video).is_file():
+        raise SourceError(f"video not found: {video}")
+    VideoFileSource(video).close()  # one clear error for an unreadable file
+    agent, startup, events = bench_agent(video, config_path, max_frames)
+    result = BenchResult(video=video, frames_in_video=_frame_count(video), agent=agent, startup_s=startup,
+                         peak_rss_mib=round(_peak_rss_mib(), 1), events=events)
+    if decode:
+        result.decode_only = bench_decode(video, max_frames)
+        result.ratios["agent_vs_decode_only"] = round(agent.fps / result.decode_only.fps, 3)
+    if classic:
+        result.classic = bench_classic(video, max_frames)
+        result.ratios["agent_vs_classic"] = round(agent.fps / result.classic.fps, 2)
+    return result
+
+
+def format_report(r: BenchResult) -> str:
+    lines = [f"video: {r.video} ({r.frames_in_video} frames)",
+             f"agent: {r.agent.fps:.1f} frames/s over {r.agent.frames} frames, "
+             f"{r.agent.cpu_s_per_frame * 1000:.2f} ms CPU/frame, start-up to first frame {r.startup_s:.2f} s, "
+             f"peak RSS {r.peak_rss_mib:.0f} MiB, {r.events} events",
+             "  stage       p50 ms    p99 ms"]
+    for stage, q in r.agent.latency_ms.items():
+        lines.append(f"  {stage:<10}{q['p50']:>8.3f}  {q['p99']:>8.3f}")
+    if r.decode_only:
+        lines.append(f"decode only: {r.decode_only.fps:.1f} frames/s "
+                     f"(agent runs at {r.ratios['agent_vs_decode_only']:.0%} of the decode ceiling)")
+    if r.classic:
+        lines.append(f"classic (Haar + Keras predict per face): {r.classic.fps:.1f} frames/s; "
+                     f"agent / classic = {r.ratios['agent_vs_classic']:.1f}x")
+    return "\n".join(lines)
+
+
+def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AgentError("--plot needs matplotlib: pip install '.[plot]'") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    name = name or Path(r.video).stem
+    out = []
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    stages = list(r.agent.latency_ms)
+    xs = range(len(stages))
+    ax.bar([x - 0.2 for x in xs], [r.agent.latency_ms[s]["p50"] for s in stages], 0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], [r.agent.latency_ms[s]["p99"] for s in stages], 0.4, label="p99")
+    ax.set_xticks(list(xs), stages)
+    ax.set_ylabel("ms per frame")
+    ax.set_title(f"agent latency per stage: {name}")
+    ax.legend()
+    fig.tight_layout()
+    out.append(directory / f"latency_{name}.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    bars = [("agent", r.agent.fps)]
+    if r.decode_only:
+        bars.append(("decode only", r.decode_only.fps))
+    if r.classic:
+        bars.append(("classic", r.classic.fps))
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["tab:green", "tab:gray", "tab:red"][:len(bars)])
+    for i, (_, v) in enumerate(bars):
+        ax.text(v, i, f" {v:.0f}", va="center")
+    ax.set_xlabel("frames/s")
+    ax.set_title(f"frames/s: {name}")
+    fig.tight_layout()
+    out.append(directory / f"fps_{name}.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("agent.pipeline").setLevel(logging.WARNING)  # one line per event is noise here
+    result = run_bench(args.video, config_path=args.config, max_frames=args.max_frames,
+                       decode=not args.no_decode, classic=not args.no_classic)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(format_report(result))
+    if args.plot:
+        for path in plot(result, Path(args.plot), args.plot_name):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure speed on a video, beside decode-only and the classic pipeline")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("--config", metavar="FILE", help="agent config to measure (default: built-in defaults)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    p.add_argument("--no-classic", action="store_true", help="skip the classic reference (it needs TensorFlow)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-only reference")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots (latency per stage, frames/s) into DIR")
+    p.add_argument("--plot-name", metavar="NAME", help="name the plots fps_NAME.png, latency_NAME.png "
+                                                        "(default: the video's file name)")
+    p.set_defaults(handler=_cmd)

@@ -1,0 +1,337 @@
+"""Frame sources: a camera or stream read on its own thread (newest frame wins), a video file read
+in order, or a single image.
+
+A live source never ends: a failed read closes the device and reopens it with backoff, and its
+`status` tells the outside world ("ok", "reconnecting"). A file source drops nothing and ends at
+end of file.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from agent.errors import SourceError
+from agent.types import Frame
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
+
+
+class FrameSource(Protocol):
+    live: bool   # frames come in real time and the newest wins; the source never ends
+    still: bool  # one still image: the loop holds it while smoothing settles
+
+    def read(self) -> Frame | None:
+        """The next frame to process, or None once a finite source is exhausted."""
+
+    def status(self) -> str:
+        """'ok', 'reconnecting', 'ended'."""
+
+    def dropped(self) -> int:
+        """Frames captured but never handed out (a live source skips stale frames)."""
+
+    def corrupt(self) -> int:
+        """Frames that were unreadable or malformed and were skipped."""
+
+    def close(self) -> None: ...
+
+
+def _valid_frame(image: np.ndarray | None) -> bool:
+    return (image is not None and isinstance(image, np.ndarray) and image.ndim in (2, 3)
+            and image.shape[0] > 0 and image.shape[1] > 0 and image.dtype == np.uint8)
+
+
+class ImageSource:
+    """A single image file: one frame, then the end."""
+
+    live = False
+    still = True
+
+    def __init__(self, path: str):
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise SourceError(f"cannot read image {path}: not an image file OpenCV can decode")
+        self._image: np.ndarray | None = image
+        self._ended = False
+
+    def read(self) -> Frame | None:
+        if self._image is None:
+            self._ended = True
+            return None
+        frame = Frame(self._image, 0.0, 0)
+        self._image = None
+        return frame
+
+    def status(self) -> str:
+        return "ended" if self._ended else "ok"
+
+    def dropped(self) -> int:
+        return 0
+
+    def corrupt(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._image = None
+
+
+class VideoFileSource:
+    """A video file, every frame in order, stamped with its position in the video.
+
+    The timestamps are the video's own (index / fps), so smoothing in seconds behaves as it would
+    live, however fast or slow the machine decodes. Frames are decoded a few ahead on a thread of
+    their own (OpenCV releases the GIL while decoding), so decoding overlaps inference and no
+    frame is dropped. With `realtime` the reads are paced to the video's rate; with `loop` the file
+    starts over at its end (soak tests, demos).
+    """
+
+    live = False
+    still = False
+    PREFETCH = 4
+
+    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False):
+        self._path = path
+        self._realtime = realtime
+        self._loop = loop
+        self._cap = self._open()
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = fps if fps and 1 <= fps <= 240 else 25.0
+        self._start = time.monotonic()
+        self._ended = False
+        self._corrupt = 0
+        self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=self.PREFETCH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._decode, name="decode", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(self._path)
+        if not cap.isOpened():
+            raise SourceError(f"cannot open video {self._path}: not a video file OpenCV can decode")
+        return cap
+
+    def _put(self, item: Frame | None) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._frames.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _decode(self) -> None:
+        index = 0
+        try:
+            while not self._stop.is_set():
+                ok, image = self._cap.read()
+                if not ok:
+                    if self._loop and index > 0:
+                        self._cap.release()
+                        self._cap = self._open()
+                        continue
+                    break
+                timestamp = index / self.fps
+                index += 1
+                if not _valid_frame(image):
+                    self._corrupt += 1
+                    continue
+                if not self._put(Frame(image, timestamp, index - 1)):
+                    return
+        except (SourceError, cv2.error) as exc:
+            logger.error("video %s: %s", self._path, exc)
+        self._put(None)  # the end
+
+    def read(self) -> Frame | None:
+        if self._ended:
+            return None
+        frame = self._frames.get()
+        if frame is None:
+            self._ended = True
+            return None
+        if self._realtime:
+            delay = self._start + frame.timestamp - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        return frame
+
+    def status(self) -> str:
+        return "ended" if self._ended else "ok"
+
+    def dropped(self) -> int:
+        return 0
+
+    def corrupt(self) -> int:
+        return self._corrupt
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._cap.release()
+
+
+class LiveSource:
+    """A camera or network stream read on its own thread; `read` returns the newest frame.
+
+    A slow consumer never falls behind the camera: frames it had no time for are counted as
+    dropped. A failed read reopens the device with exponential backoff, forever, so an unplugged
+    USB camera or a restarted RTSP server comes back by itself.
+    """
+
+    live = True
+    still = False
+
+    def __init__(self, target: int | str, *, width: int | None = None, height: int | None = None,
+                 fps: float | None = None, retry_initial_s: float = 1.0, retry_max_s: float = 30.0,
+                 open_capture=None):
+        self._target = target
+        self._props = {cv2.CAP_PROP_FRAME_WIDTH: width, cv2.CAP_PROP_FRAME_HEIGHT: height, cv2.CAP_PROP_FPS: fps}
+        self._retry_initial = retry_initial_s
+        self._retry_max = retry_max_s
+        self._open_capture = open_capture or cv2.VideoCapture
+        self._cond = threading.Condition()
+        self._latest: np.ndarray | None = None
+        self._latest_index = -1
+        self._latest_time = 0.0
+        self._consumed_index = -1
+        self._captured = 0
+        self._dropped = 0
+        self._corrupt = 0
+        self._status = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> cv2.VideoCapture | None:
+        cap = self._open_capture(self._target)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        for prop, value in self._props.items():
+            if value:
+                cap.set(prop, value)
+        return cap
+
+    def _set_status(self, status: str) -> None:
+        if status != self._status:
+            logger.log(logging.WARNING if status != "ok" else logging.INFO, "camera %s: %s", self._target, status)
+        with self._cond:
+            self._status = status
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        delay = self._retry_initial
+        while not self._stop.is_set():
+            cap = self._open()
+            if cap is None:
+                self._set_status("reconnecting")
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            failures = 0
+            while not self._stop.is_set():
+                ok, image = cap.read()
+                if not ok:
+                    failures += 1
+                    # A few failed reads in a row mean the device or stream is gone.
+                    if failures >= 5:
+                        break
+                    continue
+                if not _valid_frame(image):
+                    self._corrupt += 1
+                    continue
+                failures = 0
+                delay = self._retry_initial
+                with self._cond:
+                    if self._latest_index > self._consumed_index:
+                        self._dropped += 1  # overwritten before anyone took it
+                    self._captured += 1
+                    self._latest = image
+                    self._latest_index = self._captured - 1
+                    self._latest_time = time.monotonic()
+                    self._status = "ok"
+                    self._cond.notify_all()
+            cap.release()
+            if not self._stop.is_set():
+                self._set_status("reconnecting")
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._retry_max)
+
+    def read(self, timeout: float = 1.0) -> Frame | None:
+        """The newest frame not yet handed out; waits up to `timeout`, then returns None only if
+        the source was closed (a live source has no end). Callers loop on it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._latest_index <= self._consumed_index and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            if self._stop.is_set():
+                return None
+            self._consumed_index = self._latest_index
+            return Frame(self._latest, self._latest_time, self._latest_index)
+
+    def status(self) -> str:
+        return self._status
+
+    def dropped(self) -> int:
+        return self._dropped
+
+    def corrupt(self) -> int:
+        return self._corrupt
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+
+def classify_source(source: str) -> tuple[str, int | str]:
+    """('camera'|'stream'|'image'|'video', target) for a --source string, or SourceError."""
+    text = source.strip()
+    if text.isdigit():
+        return "camera", int(text)
+    if text.lower().startswith(STREAM_SCHEMES):
+        return "stream", text
+    path = Path(text).expanduser()
+    if text.startswith("/dev/"):
+        if not path.exists():
+            raise SourceError(f"camera device not found: {text}")
+        return "camera", str(path)
+    if not path.exists():
+        raise SourceError(f"source not found: {text} (expected a camera index, an image or video file, "
+                          "or an rtsp:// or http(s):// URL)")
+    if path.is_dir():
+        raise SourceError(f"source is a directory, not a file: {text}")
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError:
+        raise SourceError(f"source not readable (permission denied): {text}") from None
+    kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
+    return kind, str(path)
+
+
+def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False) -> FrameSource:
+    """The frame source for a --source string, configured from the camera section."""
+    kind, target = classify_source(source)
+    if kind == "image":
+        return ImageSource(str(target))
+    if kind == "video":
+        return VideoFileSource(str(target), realtime=realtime, loop=loop)
+    options = {}
+    if camera is not None:
+        options = dict(width=camera.width, height=camera.height, fps=camera.fps,
+                       retry_initial_s=camera.retry_initial_s, retry_max_s=camera.retry_max_s)
+    return LiveSource(target, **options)

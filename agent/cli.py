@@ -1,0 +1,165 @@
+"""`emotion-agent`: turns arguments into a config and calls the right piece. Every AgentError
+becomes one line on stderr and an exit code; no traceback reaches the user."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Sequence
+
+from agent import __version__
+from agent.config import Config, load_config
+from agent.errors import AgentError, ConfigError
+
+logger = logging.getLogger("agent")
+
+FLUSH_TIMEOUT_S = 30.0
+SIGNAL_FLUSH_S = 3.0  # leaves room in the 5 s a service manager gives for a clean stop
+
+
+def _configure_logging(level: str) -> None:
+    # Under systemd the journal adds its own timestamps.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, force=True)
+    logging.getLogger("agent.paho").setLevel(logging.WARNING)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emotion-agent", description="Facial-expression events from a camera, published to MQTT.")
+    parser.add_argument("--version", action="version", version=f"emotion-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the capture -> detect -> classify -> MQTT loop")
+    run.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    run.add_argument("--source", help="camera index (0), video file, image file, or rtsp:// / http(s):// URL")
+    run.add_argument("--show", action="store_true", help="open a preview window (q or Esc quits)")
+    run.add_argument("--mqtt-host", help="broker host (overrides mqtt.host)")
+    run.add_argument("--mqtt-port", type=_port, help="broker port (overrides mqtt.port)")
+    run.add_argument("--topic-prefix", help="root of every topic (overrides mqtt.topic_prefix)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides log_level")
+    run.add_argument("--realtime", action="store_true", help="pace a video file at its own frame rate")
+    run.add_argument("--loop", action="store_true", help="start a video file over at its end (soak tests)")
+    run.add_argument("--flush-timeout", type=float, default=FLUSH_TIMEOUT_S, metavar="SECONDS",
+                     help="at the end, wait this long for the broker to take every message (default %(default)s)")
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", metavar="FILE")
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Subcommands that live in their own modules; each registers its own arguments."""
+    from agent import bench, eval_cli
+
+    eval_cli.register(sub)
+    bench.register(sub)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {"source": args.source, "mqtt.host": args.mqtt_host, "mqtt.port": args.mqtt_port,
+            "mqtt.topic_prefix": args.topic_prefix, "log_level": args.log_level}
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    print(f"{args.file}: OK (source {cfg.source}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+          f"detector {cfg.detector.kind})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.pipeline import build_agent  # loads OpenCV and the interpreter: only when running
+
+    cfg: Config = load_config(args.config, _overrides(args))
+    _configure_logging(cfg.log_level)
+    logger.debug("configuration: %s", cfg.redacted())
+    while True:
+        agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop)
+        reload_requested = False
+        signalled = False
+
+        def on_stop(signum, _frame) -> None:
+            nonlocal signalled
+            signalled = True
+            logger.info("received %s: stopping", signal.Signals(signum).name)
+            agent.stop()
+
+        def on_hup(signum, _frame) -> None:
+            nonlocal reload_requested
+            if args.config is None:
+                logger.warning("SIGHUP: no --config file to reload; ignored")
+                return
+            reload_requested = True
+            agent.notifier.reloading()  # before the loop's STOPPING=1, which systemd then ignores
+            agent.stop()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, on_hup)
+        agent.publisher.start()
+        try:
+            result = agent.run()
+        finally:
+            agent.source.close()
+            if agent.preview is not None:
+                agent.preview.close()
+        # Asked to stop (or a live source): exit promptly, as systemd expects; a file run waits longer
+        # so that its exit status can promise every message was delivered.
+        prompt = signalled or reload_requested or agent.source.live
+        delivered = agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S) if prompt else args.flush_timeout)
+        undelivered = agent.publisher.pending()
+        agent.publisher.close(timeout=1.0 if not delivered else 5.0)
+        if reload_requested:
+            try:
+                cfg = load_config(args.config, _overrides(args))
+                _configure_logging(cfg.log_level)
+                logger.info("SIGHUP: configuration reloaded from %s", args.config)
+            except ConfigError as exc:
+                logger.error("SIGHUP: new configuration rejected, keeping the old one: %s", exc)
+            continue
+        logger.info("processed %d frames, %d events", result.frames, result.events)
+        if not delivered and signalled:
+            logger.warning("stopping with %d message(s) the broker has not acknowledged", undelivered)
+            return 0
+        if not delivered:
+            refused = getattr(agent.publisher, "last_error", None)
+            why = f"failed: {refused}" if refused else f"unreachable for {args.flush_timeout:g} s"
+            raise AgentError(f"{undelivered} message(s) not delivered: broker {cfg.mqtt.host}:{cfg.mqtt.port} {why}")
+        return 0
+
+
+COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args)
+    except AgentError as exc:
+        print(f"emotion-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""The configuration: one typed, frozen tree, validated in one place.
+
+Every field carries its description and its constraints in dataclass metadata, so `check-config`,
+`run` and the documented config.yaml all agree. Errors name the key path, the YAML line, the bad
+value and what was expected, in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.errors import ConfigError
+
+PASSWORD_ENV = "EMOTION_AGENT_MQTT_PASSWORD"
+
+
+def setting(default: Any, description: str, *, min: float | None = None,
+            max: float | None = None, choices: tuple[str, ...] | None = None,
+            min_exclusive: bool = False) -> Any:
+    """A dataclass field with its description and range, read by the validator."""
+    meta = {"description": description, "min": min, "max": max, "choices": choices,
+            "min_exclusive": min_exclusive}
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        factory = default if callable(default) else (lambda: default)
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, description: str) -> Any:
+    return field(default_factory=cls, metadata={"description": description})
+
+
+@dataclass(frozen=True, slots=True)
+class CameraConfig:
+    width: int | None = setting(None, "Requested capture width in pixels (null: the camera's default).", min=16)
+    height: int | None = setting(None, "Requested capture height in pixels (null: the camera's default).", min=16)
+    fps: float | None = setting(None, "Requested capture rate (null: the camera's default).", min=0, min_exclusive=True)
+    max_fps: float | None = setting(
+        None, "Process at most this many frames a second (null: as fast as frames come); saves CPU on a Pi.",
+        min=0, min_exclusive=True)
+    retry_initial_s: float = setting(1.0, "First wait before reopening a failed camera or stream.", min=0.05)
+    retry_max_s: float = setting(30.0, "Longest wait between reopen attempts (the wait doubles up to this).", min=0.05)
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorConfig:
+    kind: str = setting("blazeface", "Face detector: blazeface (MediaPipe full-range TFLite) or haar (OpenCV cascade).",
+                        choices=("blazeface", "haar"))
+    model: str | None = setting(None, "BlazeFace model file (null: the bundled face_detection_full_range.tflite).")
+    score_threshold: float = setting(0.5, "Minimum face score to keep a detection (blazeface).", min=0, max=1)
+    nms_iou: float = setting(0.3, "Overlap above which two detections are merged into one.", min=0, max=1)
+    min_face_size: int = setting(24, "Ignore faces smaller than this many pixels (width).", min=1)
+    haar_scale_factor: float = setting(1.3, "Haar cascade scale step.", min=1.01, max=2.0)
+    haar_min_neighbors: int = setting(5, "Haar cascade neighbours a detection needs.", min=0, max=50)
+    interval_s: float = setting(
+        0.1, "Run the detector at most this often (seconds); in between, faces are classified at their "
+             "last boxes. 0 runs it on every frame. The detector is the costliest stage.", min=0, max=5)
+    threads: int = setting(1, "Interpreter threads for the detector.", min=1, max=16)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierConfig:
+    model: str | None = setting(None, "Emotion model file (null: the bundled default, see models/MODELS.md).")
+    crop_margin: float = setting(0.1, "Grow each face box by this fraction of its size on every side before "
+                                      "classifying (FER2013 faces are framed looser than detector boxes).",
+                                 min=-0.3, max=1.0)
+    threads: int = setting(1, "Interpreter threads for the classifier.", min=1, max=16)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingConfig:
+    max_gap_s: float = setting(1.0, "A face unseen for less than this keeps its id.", min=0)
+    min_iou: float = setting(0.2, "Minimum overlap to match a detection to a track.", min=0, max=1)
+
+
+@dataclass(frozen=True, slots=True)
+class SmoothingConfig:
+    # Defaults measured on real video with `python -m agent.flicker` (docs/benchmarks.md).
+    window_s: float = setting(0.25, "Time constant of the moving average of each face's 7 probabilities.",
+                              min=0, min_exclusive=True)
+    change_margin: float = setting(0.03, "A new emotion must lead the current one by this much (probability).",
+                                   min=0, max=1)
+    dwell_s: float = setting(0.25, "...and hold that lead this long before an emotion_changed event.", min=0)
+    confidence_gate: float = setting(0.3, "Below this smoothed probability the state is 'uncertain'.", min=0, max=1)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    enabled: bool = setting(False, "Connect with TLS.")
+    ca_file: str | None = setting(None, "CA certificate file (null: the system's trust store).")
+    cert_file: str | None = setting(None, "Client certificate file, for brokers that require one.")
+    key_file: str | None = setting(None, "Client private key file (with cert_file).")
+    insecure: bool = setting(False, "Skip the broker host name check. Only for testing.")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    enabled: bool = setting(True, "Publish Home Assistant MQTT discovery messages.")
+    prefix: str = setting("homeassistant", "Home Assistant's discovery prefix.")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    host: str = setting("127.0.0.1", "Broker host name or address.")
+    port: int = setting(1883, "Broker port (8883 is usual for TLS).", min=1, max=65535)
+    client_id: str | None = setting(None, "MQTT client id (null: emotion-agent-<hostname>).")
+    topic_prefix: str = setting("emotion-agent/{hostname}", "Root of every topic; {hostname} is replaced.")
+    qos: int = setting(1, "QoS of events and state (0, 1 or 2).", min=0, max=2)
+    keepalive_s: int = setting(30, "Keep-alive interval; the broker sends the Last Will after 1.5x this.",
+                               min=5, max=65535)
+    username: str | None = setting(None, "User name, if the broker requires one.")
+    password_file: str | None = setting(
+        None, "File holding the password (or set " + PASSWORD_ENV + ", or systemd credential mqtt_password).")
+    tls: TlsConfig = section(TlsConfig, "TLS settings.")
+    queue_size: int = setting(1000, "Messages kept while the broker is unreachable; older ones are dropped "
+                                    "and counted.", min=1)
+    reconnect_min_s: float = setting(1.0, "First wait before reconnecting.", min=0.1)
+    reconnect_max_s: float = setting(60.0, "Longest wait between reconnects.", min=1)
+    summary_interval_s: float = setting(60.0, "Period of the summary message.", min=1)
+    stats_interval_s: float = setting(30.0, "Period of the stats message.", min=1)
+    discovery: DiscoveryConfig = section(DiscoveryConfig, "Home Assistant discovery.")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str = setting("0", "Camera index (0), video file, image file, or rtsp:// / http(s):// URL.")
+    camera: CameraConfig = section(CameraConfig, "Capture settings.")
+    detector: DetectorConfig = section(DetectorConfig, "Face detection.")
+    classifier: ClassifierConfig = section(ClassifierConfig, "Expression classification.")
+    tracking: TrackingConfig = section(TrackingConfig, "Face tracking.")
+    smoothing: SmoothingConfig = section(SmoothingConfig, "Per-face smoothing and change policy.")
+    mqtt: MqttConfig = section(MqttConfig, "MQTT broker and topics.")
+    log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as a plain dict, safe to log: secrets never live in it (the password comes
+        from a file, the environment or a systemd credential), and the user name is masked."""
+        data = dataclasses.asdict(self)
+        if data["mqtt"]["username"]:
+            data["mqtt"]["username"] = "***"
+        return data
+
+
+# --- validation -------------------------------------------------------------------------------
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+class _Lines:
+    """Maps key paths ("mqtt.port") to their line in the YAML file, for error messages."""
+
+    def __init__(self, text: str | None, origin: str):
+        self.origin = origin
+        self.lines: dict[str, int] = {}
+        if text:
+            try:
+                self._walk(yaml.compose(text), "")
+            except yaml.YAMLError:
+                pass
+
+    def _walk(self, node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                self.lines[path] = key.start_mark.line + 1
+                self._walk(value, path)
+
+    def where(self, path: str) -> str:
+        line = self.lines.get(path)
+        return f"{self.origin}:{line}: " if line else (f"{self.origin}: " if self.origin else "")
+
+
+def _fail(lines: _Lines, path: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{lines.where(path)}{path}: {message}")
+
+
+def _plain_type(annotation: Any) -> tuple[type, bool]:
+    """(base type, optional) of an annotation such as `int | None`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, lines: _Lines) -> Any:
+    if value is None:
+        if optional:
+            return None
+        _fail(lines, path, f"must not be empty, expected {_TYPE_NAMES.get(base, base.__name__)}")
+    if base is bool:
+        if not isinstance(value, bool):
+            _fail(lines, path, f"expected true or false, got {value!r}")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(lines, path, f"expected an integer, got {value!r}")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(lines, path, f"expected a number, got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            _fail(lines, path, f"expected a finite number, got {value!r}")
+    elif base is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and path == "source":
+            value = str(value)  # `source: 0` means camera 0
+        if not isinstance(value, str):
+            _fail(lines, path, f"expected a string, got {value!r}")
+    low, high, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+    if choices is not None and value not in choices:
+        _fail(lines, path, f"expected one of {', '.join(choices)}, got {value!r}")
+    if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
+        bound = f"greater than {low}" if meta.get("min_exclusive") else f"at least {low}"
+        _fail(lines, path, f"expected {bound}" + (f" and at most {high}" if high is not None else "")
+              + f", got {value!r}")
+    if high is not None and value > high:
+        _fail(lines, path, f"expected at most {high}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str, lines: _Lines) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        _fail(lines, prefix or "(top level)", f"expected a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            suggestion = _closest(str(key), known)
+            _fail(lines, path, "unknown setting" + (f" (did you mean '{suggestion}'?)" if suggestion else "")
+                  + f"; valid here: {', '.join(known)}")
+    values = {}
+    for name, f in known.items():
+        path = f"{prefix}.{name}" if prefix else name
+        base, optional = _plain_type(hints[name])
+        if dataclasses.is_dataclass(base):
+            values[name] = _build(base, data.get(name), path, lines)
+        elif name in data:
+            values[name] = _convert(data[name], f.metadata, base, optional, path, lines)
+    return cls(**values)
+
+
+def _closest(key: str, known: dict) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _check_rules(cfg: Config, lines: _Lines) -> None:
+    """Cross-field rules; no side effects."""
+    m = cfg.mqtt
+    if not m.host or re.search(r"\s|/|^[a-z]+:", m.host):
+        _fail(lines, "mqtt.host", f"expected a host name or IP address (no scheme, no path), got {m.host!r}")
+    if m.reconnect_max_s < m.reconnect_min_s:
+        _fail(lines, "mqtt.reconnect_max_s", f"must be at least mqtt.reconnect_min_s ({m.reconnect_min_s})")
+    if cfg.camera.retry_max_s < cfg.camera.retry_initial_s:
+        _fail(lines, "camera.retry_max_s", f"must be at least camera.retry_initial_s ({cfg.camera.retry_initial_s})")
+    prefix = m.topic_prefix
+    if not prefix or any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/"):
+        _fail(lines, "mqtt.topic_prefix", f"expected topic levels without wildcards or leading/trailing '/', "
+              f"got {prefix!r}")
+    disc = m.discovery.prefix
+    if not disc or any(c in disc for c in "#+\0") or disc.startswith("/") or disc.endswith("/"):
+        _fail(lines, "mqtt.discovery.prefix", f"expected topic levels without wildcards, got {disc!r}")
+    if (m.tls.cert_file is None) != (m.tls.key_file is None):
+        _fail(lines, "mqtt.tls.key_file", "cert_file and key_file must be given together")
+    files = [("mqtt.password_file", m.password_file), ("mqtt.tls.ca_file", m.tls.ca_file),
+             ("mqtt.tls.cert_file", m.tls.cert_file), ("mqtt.tls.key_file", m.tls.key_file),
+             ("detector.model", cfg.detector.model), ("classifier.model", cfg.classifier.model)]
+    for path, value in files:
+        if value is not None and not Path(value).is_file():
+            _fail(lines, path, f"file not found: {value}")
+        if value is not None and not os.access(value, os.R_OK):
+            _fail(lines, path, f"file not readable: {value}")
+    if any((m.tls.ca_file, m.tls.cert_file)) and not m.tls.enabled:
+        _fail(lines, "mqtt.tls.enabled", "TLS files are set but tls.enabled is false")
+    if not cfg.source.strip():
+        _fail(lines, "source", "must not be empty")
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Validated, frozen config from a YAML file (or the defaults) plus dotted-key overrides."""
+    text = None
+    origin = ""
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config path is a directory, not a file: {path}") from None
+        except PermissionError:
+            raise ConfigError(f"config file not readable (permission denied): {path}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+    try:
+        data = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{origin}:{mark.line + 1}: " if mark else f"{origin}: "
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(data, dotted, value)
+    lines = _Lines(text, origin)
+    cfg = _build(Config, data, "", lines)
+    _check_rules(cfg, lines)
+    return cfg
+
+
+def hostname() -> str:
+    """The host name as a topic-safe token."""
+    name = socket.gethostname().split(".")[0] or "localhost"
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def topic_root(cfg: MqttConfig) -> str:
+    return cfg.topic_prefix.replace("{hostname}", hostname())
+
+
+def client_id(cfg: MqttConfig) -> str:
+    return cfg.client_id or f"emotion-agent-{hostname()}"
+
+
+def read_password(cfg: MqttConfig) -> str | None:
+    """The MQTT password: password_file, then the environment, then systemd's credentials directory."""
+    if cfg.password_file:
+        try:
+            return Path(cfg.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"mqtt.password_file: cannot read {cfg.password_file}: {exc.strerror}") from None
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / "mqtt_password").is_file():
+        return (Path(creds) / "mqtt_password").read_text(encoding="utf-8").strip()
+    return None
+
+
+def iter_settings(cls: type = Config, prefix: str = ""):
+    """(dotted path, default, description) for every leaf setting, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        base, _ = _plain_type(hints[f.name])
+        if dataclasses.is_dataclass(base):
+            yield from iter_settings(base, path)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield path, default, f.metadata.get("description", "")

@@ -1,0 +1,186 @@
+"""Face detection: MediaPipe BlazeFace full-range (TFLite) by default, OpenCV's Haar cascade as
+the classic alternative. Boxes come back in the frame's pixel coordinates, clipped to it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from agent.errors import ModelError
+from agent.interpreter import load_interpreter
+from agent.types import Box, Detection
+
+logger = logging.getLogger(__name__)
+
+# sigmoid(±80) is still finite in float32; MediaPipe clips raw scores the same way.
+RAW_SCORE_LIMIT = 80.0
+
+
+class FaceDetector(Protocol):
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        """Faces in a BGR (or gray) frame: boxes in its pixels, clipped to it, scores in [0, 1]."""
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image
+
+
+def ssd_anchor_centres(input_size: int, stride: int, offset: float = 0.5) -> np.ndarray:
+    """(N, 2) anchor centres in [0, 1] of a one-layer, one-anchor-per-cell SSD grid (the
+    full-range model: 192 / 4 = 48 cells a side, 2304 anchors)."""
+    cells = input_size // stride
+    ys, xs = np.meshgrid(np.arange(cells), np.arange(cells), indexing="ij")
+    return np.stack([(xs.ravel() + offset) / cells, (ys.ravel() + offset) / cells], axis=1).astype(np.float32)
+
+
+def weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """MediaPipe's weighted non-maximum suppression: each cluster of overlapping boxes becomes the
+    score-weighted mean of its members, scored by its best member. boxes: (N, 4) x1 y1 x2 y2."""
+    order = np.argsort(-scores)
+    boxes, scores = boxes[order], scores[order]
+    areas = np.maximum(0, boxes[:, 2] - boxes[:, 0]) * np.maximum(0, boxes[:, 3] - boxes[:, 1])
+    remaining = np.ones(len(boxes), bool)
+    out_boxes, out_scores = [], []
+    for i in range(len(boxes)):
+        if not remaining[i]:
+            continue
+        ix1 = np.maximum(boxes[i, 0], boxes[:, 0])
+        iy1 = np.maximum(boxes[i, 1], boxes[:, 1])
+        ix2 = np.minimum(boxes[i, 2], boxes[:, 2])
+        iy2 = np.minimum(boxes[i, 3], boxes[:, 3])
+        inter = np.maximum(0, ix2 - ix1) * np.maximum(0, iy2 - iy1)
+        iou = inter / np.maximum(areas[i] + areas - inter, 1e-12)
+        members = remaining & (iou > iou_threshold)
+        members[i] = True
+        weights = scores[members]
+        out_boxes.append((boxes[members] * weights[:, None]).sum(axis=0) / weights.sum())
+        out_scores.append(scores[i])
+        remaining &= ~members
+    if not out_boxes:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    return np.array(out_boxes, np.float32), np.array(out_scores, np.float32)
+
+
+class BlazeFaceDetector:
+    """MediaPipe BlazeFace full-range: 192x192 RGB in [-1, 1], 2304 anchors, one stride-4 layer.
+
+    The frame is letterboxed to the square input (aspect ratio kept), so boxes map back exactly.
+    """
+
+    def __init__(self, model_path: Path | str, score_threshold: float = 0.5, nms_iou: float = 0.3,
+                 threads: int = 1, min_face_size: int = 0):
+        self._interpreter = load_interpreter(model_path, threads)
+        inp = self._interpreter.get_input_details()[0]
+        shape = tuple(int(v) for v in inp["shape"])
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise ModelError(f"{model_path}: not a BlazeFace model (expected a square RGB input, got {shape})")
+        if inp["dtype"] != np.float32:
+            # the [-1, 1] scaling below is the float model's; a quantized export needs its own
+            raise ModelError(f"{model_path}: expected a float32 input, got {np.dtype(inp['dtype']).name}")
+        self._input_index = inp["index"]
+        self._size = int(shape[1])
+        self._input = np.zeros(shape, np.float32)
+        boxes_out = scores_out = None
+        for out in self._interpreter.get_output_details():  # by shape: output order varies by export
+            if out["shape"][-1] == 16:
+                boxes_out = out["index"]
+            elif out["shape"][-1] == 1:
+                scores_out = out["index"]
+        if boxes_out is None or scores_out is None:
+            raise ModelError(f"{model_path}: not a BlazeFace model (no (N,16) boxes and (N,1) scores outputs)")
+        self._boxes_index, self._scores_index = boxes_out, scores_out
+        count = int(self._interpreter.get_output_details()[0]["shape"][1])
+        self._anchors = ssd_anchor_centres(self._size, stride=4)
+        if len(self._anchors) != count:
+            raise ModelError(f"{model_path}: {count} anchors, but the full-range layout has {len(self._anchors)}")
+        # logit threshold: compare raw scores without a sigmoid over every anchor
+        clipped = min(max(score_threshold, 1e-6), 1 - 1e-6)
+        self._logit_threshold = float(np.log(clipped / (1 - clipped)))
+        self._nms_iou = nms_iou
+        self._min_face = min_face_size
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        image = _as_bgr(image_bgr)
+        height, width = image.shape[:2]
+        side = max(height, width)
+        scale = self._size / side
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        pad_x, pad_y = (self._size - new_w) // 2, (self._size - new_h) // 2
+        # Area averaging: bilinear is 5x cheaper and finds the same dlib-marked faces, but its
+        # aliased crops made held expressions late or missed on the real videos (agent.flicker).
+        resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        canvas = self._input[0]
+        canvas.fill(-1.0)  # black padding, in the model's [-1, 1] range
+        rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
+        canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = rgb.astype(np.float32) * (2.0 / 255.0) - 1.0
+        self._interpreter.set_tensor(self._input_index, self._input)
+        self._interpreter.invoke()
+        raw_scores = self._interpreter.get_tensor(self._scores_index)[0, :, 0]
+        keep = np.flatnonzero(raw_scores > self._logit_threshold)
+        if keep.size == 0:
+            return []
+        raw = self._interpreter.get_tensor(self._boxes_index)[0, keep, :4] / self._size
+        centres = raw[:, :2] + self._anchors[keep]
+        half = raw[:, 2:4] / 2
+        boxes = np.concatenate([centres - half, centres + half], axis=1)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores[keep], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
+        boxes, scores = weighted_nms(boxes[valid], scores[valid], self._nms_iou)
+        # undo the letterbox: input-normalised -> frame pixels
+        boxes *= self._size
+        boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad_x) / scale
+        boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad_y) / scale
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+        found = []
+        for (x1, y1, x2, y2), score in zip(boxes, scores):
+            w, h = x2 - x1, y2 - y1
+            if w >= max(1, self._min_face) and h >= 1:
+                found.append(Detection(Box(float(x1), float(y1), float(w), float(h)), float(score)))
+        return found
+
+
+class HaarDetector:
+    """OpenCV's frontal-face Haar cascade, as the classic recipe uses it."""
+
+    def __init__(self, scale_factor: float = 1.3, min_neighbors: int = 5, min_size: int = 30):
+        if not hasattr(cv2, "CascadeClassifier"):
+            raise ModelError("this OpenCV has no CascadeClassifier (OpenCV 5 moved it): "
+                             "pip install 'opencv-python<5', or use detector.kind: blazeface")
+        path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
+        self._cascade = cv2.CascadeClassifier(str(path))
+        if self._cascade.empty():
+            raise ModelError(f"cannot load the Haar cascade {path}")
+        self._scale, self._neighbors, self._min = scale_factor, min_neighbors, max(1, min_size)
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        if image_bgr.ndim == 2:
+            gray = image_bgr
+        elif image_bgr.shape[2] == 1:
+            gray = image_bgr[:, :, 0]
+        else:
+            gray = cv2.cvtColor(_as_bgr(image_bgr), cv2.COLOR_BGR2GRAY)
+        if min(gray.shape[:2]) < self._min:
+            return []
+        faces = self._cascade.detectMultiScale(gray, self._scale, self._neighbors, minSize=(self._min, self._min))
+        return [Detection(Box(float(x), float(y), float(w), float(h)), 1.0) for (x, y, w, h) in faces]
+
+
+def make_detector(kind: str, *, model_path: Path | str, score_threshold: float = 0.5, nms_iou: float = 0.3,
+                  threads: int = 1, haar_scale_factor: float = 1.3, haar_min_neighbors: int = 5,
+                  min_face_size: int = 24) -> FaceDetector:
+    """The configured detector. `min_face_size` (pixels of the frame) drops BlazeFace boxes narrower
+    than it and is the Haar cascade's smallest window."""
+    if kind == "blazeface":
+        return BlazeFaceDetector(model_path, score_threshold, nms_iou, threads, min_face_size)
+    if kind == "haar":
+        return HaarDetector(haar_scale_factor, haar_min_neighbors, min_face_size)
+    raise ModelError(f"unknown detector kind {kind!r} (expected blazeface or haar)")

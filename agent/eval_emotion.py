@@ -1,0 +1,178 @@
+"""Accuracy of an expression model on a FER2013-layout folder (one sub-folder per class).
+
+FER2013 images are already face crops, so each is classified whole (resized to the model's input),
+without a detector. `load_folder` reads, `score` is pure, `evaluate_folder` is the two plus timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.classify import CroppedFaceClassifier
+from agent.errors import SourceError
+from agent.types import EMOTION_LABELS
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledFaces:
+    faces: list[np.ndarray]  # uint8 gray, any size
+    labels: np.ndarray  # int class index in Emotion order, one per face
+    unreadable: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EmotionEvalResult:
+    confusion: tuple[tuple[int, ...], ...]  # rows: true class, columns: predicted class
+    seconds_per_face: float
+    model: str = ""
+    source: str = ""
+    unreadable: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(map(sum, self.confusion))
+
+    @property
+    def correct(self) -> int:
+        return sum(self.confusion[i][i] for i in range(len(self.confusion)))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else 0.0
+
+    @property
+    def support(self) -> dict[str, int]:
+        return {label: sum(row) for label, row in zip(EMOTION_LABELS, self.confusion)}
+
+    @property
+    def recall(self) -> dict[str, float | None]:
+        """Per class: the share of its faces predicted as it (None where the folder has none)."""
+        return {label: (row[i] / sum(row) if sum(row) else None)
+                for i, (label, row) in enumerate(zip(EMOTION_LABELS, self.confusion))}
+
+    @property
+    def mean_recall(self) -> float:
+        present = [r for r in self.recall.values() if r is not None]
+        return sum(present) / len(present) if present else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "source": self.source,
+            "count": self.count,
+            "unreadable": self.unreadable,
+            "accuracy": round(self.accuracy, 4),
+            "mean_recall": round(self.mean_recall, 4),
+            "ms_per_face": round(self.seconds_per_face * 1000, 3),
+            "recall": {k: (round(v, 4) if v is not None else None) for k, v in self.recall.items()},
+            "support": self.support,
+            "classes": list(EMOTION_LABELS),
+            "confusion": [list(row) for row in self.confusion],
+        }
+
+
+def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
+    """Gray faces and labels from `root/<class name>/*`; at most `limit` images per class, taken in
+    name order so a limited run is the same run every time."""
+    root = Path(root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    unknown = [p.name for p in folders if p.name.lower() not in EMOTION_LABELS]
+    if unknown:
+        raise SourceError(f"{root}: unknown class folder(s) {', '.join(unknown)}; expected {', '.join(EMOTION_LABELS)}")
+    if not folders:
+        raise SourceError(f"{root}: no class folders; expected sub-folders named {', '.join(EMOTION_LABELS)}")
+    faces: list[np.ndarray] = []
+    labels: list[int] = []
+    unreadable: list[str] = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files[:limit] if limit is not None else files:
+            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            if image is None:
+                logger.warning("cannot read %s; skipped", path)
+                unreadable.append(str(path))
+                continue
+            faces.append(image)
+            labels.append(EMOTION_LABELS.index(folder.name.lower()))
+    if not faces:
+        raise SourceError(f"{root}: no readable images in the class folders")
+    return LabelledFaces(faces, np.asarray(labels, dtype=np.int64), tuple(unreadable))
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    n = len(EMOTION_LABELS)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
+    return tuple(tuple(int(v) for v in row) for row in matrix)
+
+
+def evaluate_folder(root: Path, classifier: CroppedFaceClassifier, limit: int | None = None) -> EmotionEvalResult:
+    """Classify every face of a FER2013-layout folder; `limit` caps the images per class."""
+    data = load_folder(root, limit)
+    started = time.perf_counter()
+    probs = classifier.classify_faces(data.faces)
+    elapsed = time.perf_counter() - started
+    model = getattr(classifier, "model_path", None)
+    return EmotionEvalResult(confusion=confusion_matrix(data.labels, np.argmax(probs, axis=1)),
+                             seconds_per_face=elapsed / len(data.faces),
+                             model=Path(model).name if model else type(classifier).__name__,
+                             source=str(root), unreadable=len(data.unreadable))
+
+
+def format_report(result: EmotionEvalResult) -> str:
+    labels = EMOTION_LABELS
+    width = max(map(len, labels)) + 1
+    lines = [
+        f"model      {result.model}",
+        f"images     {result.count} from {result.source}" + (f" ({result.unreadable} unreadable, skipped)"
+                                                            if result.unreadable else ""),
+        f"accuracy   {100 * result.accuracy:.2f} %  ({result.correct}/{result.count})",
+        f"mean recall {100 * result.mean_recall:.2f} %",
+        f"speed      {1000 * result.seconds_per_face:.3f} ms per face (classification only)",
+        "",
+        f"{'true':<{width}} {'n':>5} {'recall':>7}   predicted: " + " ".join(f"{lb:>8}" for lb in labels),
+    ]
+    for label, row in zip(labels, result.confusion):
+        recall = result.recall[label]
+        shown = f"{100 * recall:6.1f}%" if recall is not None else "      -"
+        lines.append(f"{label:<{width}} {sum(row):>5} {shown}" + " " * 14 + " ".join(f"{v:>8}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(result: EmotionEvalResult, path: Path) -> Path:
+    """The row-normalised confusion matrix as an image (needs matplotlib, imported only here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed on a headless device
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(result.confusion, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(EMOTION_LABELS)), EMOTION_LABELS, rotation=45, ha="right")
+    ax.set_yticks(range(len(EMOTION_LABELS)), EMOTION_LABELS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{result.model}\naccuracy {100 * result.accuracy:.1f} % on {result.count} faces", fontsize=10)
+    for i in range(len(EMOTION_LABELS)):
+        for j in range(len(EMOTION_LABELS)):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

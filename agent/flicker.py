@@ -1,0 +1,298 @@
+"""`python -m agent.flicker VIDEO...`: how much the emitted emotion flickers, against the raw labels.
+
+Runs detect -> classify -> FaceStateTracker over every frame of each video at its own timestamps
+(frame index / fps) and reports, per face-minute (the time faces are in view, summed over faces):
+
+- raw label changes: the argmax of the classifier's scores differs from the same face's previous
+  frame;
+- emitted changes: EmotionChanged events, without the first one per face (uncertain -> first
+  known emotion), which is reported apart;
+- delay: for each raw change to a label that then holds for at least `--hold-s` (1 s) on that face,
+  while the face was not already emitted in that label, the time until an EmotionChanged to it
+  (missed if none within `--horizon-s`). Few raw changes hold a whole second in every frame (the
+  classifier is noisy), so also:
+- spliced delay: every 1 s window of a face in which one emotion clearly held (see HeldWindow),
+  played after a held window of each other emotion, from any of the videos; the time from the
+  step to the EmotionChanged to the new emotion. Real classifier noise, known step times.
+
+The bar the defaults were tuned to: emitted changes at most a fifth of the raw ones, and an
+expression held for a second gets its event within about a second. `--every N` keeps every Nth
+frame (at its own timestamp) to check the same at a lower frame rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from agent.events import EmotionChanged, Event, TrackedFace
+from agent.faces import FaceStateTracker
+from agent.types import EMOTION_LABELS, UNCERTAIN, Box, Detection, EmotionScores, FaceObservation
+
+logger = logging.getLogger(__name__)
+
+# One video's frames: (timestamp, that frame's observations).
+Observed = list[tuple[float, list[FaceObservation]]]
+# Each face's state in the frames it was seen in, by face id.
+Sequences = dict[int, list[tuple[float, TrackedFace]]]
+
+
+@dataclass
+class FlickerFigures:
+    frames: int = 0
+    face_seconds: float = 0.0        # frames each face was seen in x frame interval, summed over faces
+    tracks: int = 0
+    raw_changes: int = 0
+    emitted_changes: int = 0         # EmotionChanged with a previous state
+    first_known: int = 0             # EmotionChanged with previous None
+    held_changes: int = 0            # raw changes that then held for hold_s
+    delays: list[float] = field(default_factory=list)  # one per held change that got its event
+    missed: int = 0                  # held changes with no event within the horizon
+
+    def per_minute(self, count: int) -> float:
+        return count * 60.0 / self.face_seconds if self.face_seconds > 0 else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Emitted changes per raw change (the bar: at most 0.2)."""
+        return self.emitted_changes / self.raw_changes if self.raw_changes else 0.0
+
+    def add(self, other: FlickerFigures) -> None:
+        for name in ("frames", "face_seconds", "tracks", "raw_changes", "emitted_changes", "first_known",
+                     "held_changes", "missed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.delays += other.delays
+
+
+def face_sequences(observed: Observed, tracker: FaceStateTracker) -> tuple[Sequences, list[Event]]:
+    """Each face's states in the frames it was seen in, and every event (the final losses included)."""
+    sequences: Sequences = {}
+    events: list[Event] = []
+    for now, observations in observed:
+        faces, frame_events = tracker.update(now, observations)
+        events += frame_events
+        for face in faces:
+            if face.last_seen == now:
+                sequences.setdefault(face.face_id, []).append((now, face))
+    events += tracker.close(observed[-1][0] if observed else 0.0)
+    return sequences, events
+
+
+def measure(observed: Observed, tracker: FaceStateTracker, *, frame_interval: float, hold_s: float = 1.0,
+            horizon_s: float = 3.0) -> FlickerFigures:
+    """The figures for one video's observations fed through `tracker`. Pure."""
+    figures = FlickerFigures(frames=len(observed))
+    sequences, events = face_sequences(observed, tracker)
+    changes: dict[int, list[EmotionChanged]] = {}
+    for event in events:
+        if isinstance(event, EmotionChanged):
+            changes.setdefault(event.face.face_id, []).append(event)
+            if event.previous is None:
+                figures.first_known += 1
+            else:
+                figures.emitted_changes += 1
+    figures.tracks = len(sequences)
+    for face_id, states in sequences.items():
+        # (time, raw label, emitted state before this frame)
+        samples = [(t, EMOTION_LABELS[f.raw.top], states[k - 1][1].emotion if k else "")
+                   for k, (t, f) in enumerate(states)]
+        figures.face_seconds += len(samples) * frame_interval
+        figures.raw_changes += sum(a[1] != b[1] for a, b in zip(samples, samples[1:]))
+        for k in range(1, len(samples)):
+            t, label, before = samples[k]
+            if label == samples[k - 1][1] or not _holds(samples, k, hold_s, frame_interval):
+                continue
+            if before == label:
+                continue  # already emitted in this label: nothing visible to report
+            figures.held_changes += 1
+            hit = next((c.at - t for c in changes.get(face_id, [])
+                        if c.face.emotion == label and t <= c.at <= t + horizon_s), None)
+            if hit is None:
+                figures.missed += 1
+            else:
+                figures.delays.append(hit)
+    return figures
+
+
+@dataclass(frozen=True)
+class HeldWindow:
+    """`hold_s` of one face's frames in which one emotion clearly held: it leads the mean scores and
+    is the per-frame argmax in at least `majority` of the frames."""
+
+    label: str
+    before: tuple[tuple[float, EmotionScores], ...]  # the face's frames up to the window's end
+    after: tuple[tuple[float, EmotionScores], ...]   # the face's frames from the window's start
+
+
+def held_windows(sequences: Sequences, *, frame_interval: float,
+                 hold_s: float = 1.0, majority: float = 2 / 3) -> list[HeldWindow]:
+    windows = []
+    for states in sequences.values():
+        frames = [(t, f.raw) for t, f in states]
+        start = 0
+        while start < len(frames):
+            t0 = frames[start][0]
+            end = start
+            while end < len(frames) and frames[end][0] < t0 + hold_s - frame_interval / 2:
+                end += 1
+            if end >= len(frames):
+                break  # the face left before a full window
+            probs = [f.probs for _, f in frames[start:end]]
+            label = int(max(range(len(EMOTION_LABELS)), key=lambda i: sum(p[i] for p in probs)))
+            share = sum(max(range(len(p)), key=p.__getitem__) == label for p in probs) / len(probs)
+            # Whole windows only: the face seen in (nearly) every frame of them.
+            if share >= majority and end - start >= 0.9 * hold_s / frame_interval:
+                windows.append(HeldWindow(EMOTION_LABELS[label], tuple(frames[:end]), tuple(frames[start:])))
+            start = end
+    return windows
+
+
+def splice_delays(windows: Sequence[HeldWindow], make_tracker: Callable[[], FaceStateTracker], *,
+                  lead_s: float = 3.0, horizon_s: float = 3.0) -> tuple[list[float], int]:
+    """Delays from a splice to its event: for each held window B and one held window A of every other
+    emotion, one face shows A's frames (up to lead_s of them) then B's (up to horizon_s); the delay
+    is from B's first frame to the EmotionChanged to B's emotion. Real classifier noise on both sides
+    of a step whose time is known. Pairs where B's emotion is already emitted before the step are
+    skipped. Returns (delays, missed)."""
+    delays, missed = [], 0
+    box = Box(100.0, 100.0, 80.0, 80.0)
+    for b in windows:
+        firsts: dict[str, HeldWindow] = {}
+        for a in windows:
+            if a.label != b.label:
+                firsts.setdefault(a.label, a)
+        for a in firsts.values():
+            # At their own timestamps, B's first frame at 0 and A's last one frame interval before.
+            b0, a1 = b.after[0][0], a.before[-1][0]
+            step = b.after[1][0] - b0
+            frames = ([(t - a1 - step, s) for t, s in a.before if t >= a1 - lead_s]
+                      + [(t - b0, s) for t, s in b.after if t - b0 <= horizon_s])
+            tracker = make_tracker()
+            state, delay = UNCERTAIN, None
+            for now, scores in frames:
+                faces, events = tracker.update(now, [FaceObservation(Detection(box, 1.0), scores)])
+                if now < 0:
+                    state = faces[0].emotion
+                elif any(isinstance(e, EmotionChanged) and e.face.emotion == b.label for e in events):
+                    delay = now
+                    break
+            if state == b.label:
+                continue  # B's emotion was already emitted: no change to time
+            if delay is None:
+                missed += 1
+            else:
+                delays.append(delay)
+    return delays, missed
+
+
+def _holds(samples: list[tuple[float, str, str]], k: int, hold_s: float, frame_interval: float) -> bool:
+    """Whether the label at k stays the same in every frame the face is seen for hold_s."""
+    t0, label, _ = samples[k]
+    for t, other, _ in samples[k:]:
+        if other != label:
+            return False
+        if t - t0 >= hold_s - frame_interval / 2:
+            return True
+    return False  # the face left before the hold was over
+
+
+def observe_video(path: str, detector, classifier, *, detect_interval_s: float = 0.0,
+                  max_frames: int | None = None) -> tuple[Observed, float]:
+    """Every frame's observations, stamped index / fps; and the frame interval. As the daemon does,
+    the detector runs at most every `detect_interval_s` and the classifier on every frame, at the
+    boxes found last."""
+    from agent.capture import VideoFileSource
+
+    source = VideoFileSource(path)
+    observed: Observed = []
+    detections, last_detect = [], -math.inf
+    try:
+        while max_frames is None or len(observed) < max_frames:
+            frame = source.read()
+            if frame is None:
+                break
+            if frame.timestamp - last_detect >= detect_interval_s - 1e-3:
+                detections, last_detect = detector.detect(frame.image), frame.timestamp
+            scores = classifier.classify(frame.image, [d.box for d in detections]) if detections else []
+            observed.append((frame.timestamp, [FaceObservation(d, s) for d, s in zip(detections, scores)]))
+    finally:
+        source.close()
+    return observed, 1.0 / source.fps
+
+
+def format_figures(name: str, f: FlickerFigures) -> str:
+    delays = (f"median {statistics.median(f.delays):.2f} s, max {max(f.delays):.2f} s" if f.delays else "none")
+    return (f"{name}: {f.frames} frames, {f.tracks} faces, {f.face_seconds:.1f} face-s\n"
+            f"  raw label changes     {f.raw_changes:5d}  ({f.per_minute(f.raw_changes):6.1f}/face-min)\n"
+            f"  emitted changes       {f.emitted_changes:5d}  ({f.per_minute(f.emitted_changes):6.1f}/face-min), "
+            f"ratio {f.ratio:.3f}; first-known {f.first_known}\n"
+            f"  held >= 1 s changes   {f.held_changes:5d}  got their event: {len(f.delays)} ({delays}); "
+            f"missed {f.missed}")
+
+
+def format_splices(windows: Sequence[HeldWindow], delays: Sequence[float], missed: int) -> str:
+    labels = ", ".join(f"{label} {n}" for label, n in sorted(Counter(w.label for w in windows).items()))
+    if not delays:
+        return f"spliced held windows ({labels}): no pairs timed, missed {missed}"
+    ordered = sorted(delays)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return (f"spliced held windows ({labels}): {len(delays) + missed} steps, event after median "
+            f"{statistics.median(delays):.2f} s, p90 {p90:.2f} s, max {max(delays):.2f} s; missed {missed}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from agent.config import load_config
+    from agent.pipeline import make_classifier_from, make_detector_from, make_tracker_from
+
+    p = argparse.ArgumentParser(prog="python -m agent.flicker", description=__doc__.splitlines()[0])
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("--config", metavar="FILE", help="agent config (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. smoothing.dwell_s=0.5 (repeatable)")
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="keep every Nth frame, at its own timestamp (a slower camera)")
+    p.add_argument("--hold-s", type=float, default=1.0, help="how long a raw change must hold to be timed")
+    p.add_argument("--horizon-s", type=float, default=3.0, help="longest delay that still counts as a hit")
+    p.add_argument("--max-frames", type=int, metavar="N")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = float(value)
+        except ValueError:
+            overrides[key] = value
+    cfg = load_config(args.config, overrides)
+    s = cfg.smoothing
+    print(f"smoothing: window_s={s.window_s} change_margin={s.change_margin} dwell_s={s.dwell_s} "
+          f"confidence_gate={s.confidence_gate}; tracking: max_gap_s={cfg.tracking.max_gap_s}; "
+          f"detector every {cfg.detector.interval_s} s; every {args.every} frame(s)")
+    detector, classifier = make_detector_from(cfg), make_classifier_from(cfg)
+    total = FlickerFigures()
+    windows: list[HeldWindow] = []
+    for video in args.videos:
+        observed, interval = observe_video(video, detector, classifier, detect_interval_s=cfg.detector.interval_s,
+                                           max_frames=args.max_frames)
+        observed, interval = observed[::args.every], interval * args.every
+        figures = measure(observed, make_tracker_from(cfg), frame_interval=interval, hold_s=args.hold_s,
+                          horizon_s=args.horizon_s)
+        print(format_figures(video, figures))
+        total.add(figures)
+        sequences, _ = face_sequences(observed, make_tracker_from(cfg))
+        windows += held_windows(sequences, frame_interval=interval, hold_s=args.hold_s)
+    if len(args.videos) > 1:
+        print(format_figures("all", total))
+    delays, missed = splice_delays(windows, lambda: make_tracker_from(cfg), horizon_s=args.horizon_s)
+    print(format_splices(windows, delays, missed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

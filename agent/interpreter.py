@@ -1,0 +1,55 @@
+"""Loads a TFLite model with whichever LiteRT/TFLite runtime is installed.
+
+Preference: ai-edge-litert (the maintained LiteRT wheel), then tflite-runtime, then
+tensorflow.lite. TensorFlow is only a last resort and is imported lazily, so the daemon runs on a
+bare Pi with just the small runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def _interpreter_class() -> tuple[type, str]:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+
+        return Interpreter, "tflite-runtime"
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf  # heavy: only when nothing lighter is installed
+
+        return tf.lite.Interpreter, "tensorflow.lite"
+    except ImportError:
+        raise ModelError(
+            "no TFLite runtime found: pip install ai-edge-litert (or tflite-runtime)"
+        ) from None
+
+
+def load_interpreter(path: Path | str, threads: int = 1) -> Any:
+    """An allocated interpreter for `path`, or ModelError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    cls, runtime = _interpreter_class()
+    try:
+        interpreter = cls(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {path}: {first_line}") from None
+    logger.debug("loaded %s with %s (%d threads)", path, runtime, threads)
+    return interpreter

@@ -1,0 +1,314 @@
+"""The MQTT side: a paho-mqtt 2.x client that survives broker outages without losing messages.
+
+- Connected means a successful CONNACK, nothing less.
+- On every (re)connect: availability `online`, then every retained message (state, stats,
+  discovery) as last published, then the messages queued during the outage, in order.
+- While disconnected, messages wait in a bounded queue (QoS>0: paho's own ordered queue, which
+  also re-sends what was in flight when the link dropped); when it is full, further messages are
+  dropped and counted. Retained messages are not queued: only their latest value matters and it
+  is re-sent on connect.
+- The Last Will publishes a retained `offline` if the agent vanishes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from agent.errors import BrokerError
+
+logger = logging.getLogger(__name__)
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: str
+    retain: bool = False
+    qos: int = 1
+
+
+class Publisher(Protocol):
+    def publish(self, message: Message) -> None: ...
+
+    def flush(self, timeout: float) -> bool: ...
+
+    def close(self, timeout: float = 5.0) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    host: str
+    port: int
+    client_id: str
+    availability_topic: str
+    qos: int = 1
+    keepalive_s: int = 30
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False
+    queue_size: int = 1000
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+
+
+class MqttPublisher:
+    """Publishes `Message`s through paho's network thread; see the module docstring."""
+
+    def __init__(self, settings: BrokerSettings, *,
+                 subscriptions: dict[str, Callable[[str, bytes], None]] | None = None):
+        self._s = settings
+        self._subscriptions = dict(subscriptions or {})
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._connected = False
+        self._closing = False
+        self._backlog: collections.deque[Message] = collections.deque()
+        self._retained: dict[str, Message] = {}
+        self._unacked: dict[int, Message] = {}
+        self._early_acks: set[int] = set()
+        self.dropped = 0
+        self.connects = 0
+        self.last_error: str | None = None
+        self._client = self._make_client()
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self._s
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
+        client.enable_logger(logging.getLogger("agent.paho"))
+        client.will_set(s.availability_topic, OFFLINE, qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)),
+                                   max_delay=max(1, round(s.reconnect_max_s)))
+        client.max_inflight_messages_set(100)
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.tls:
+            try:
+                client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
+                               cert_reqs=ssl.CERT_REQUIRED)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise BrokerError(f"mqtt.tls: cannot load certificates: {exc}") from None
+            client.tls_insecure_set(s.tls_insecure)
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_publish = self._handle_publish
+        client.on_message = self._handle_message
+        return client
+
+    def start(self) -> None:
+        """Connect in the background; an unreachable broker is retried with backoff, forever."""
+        try:
+            self._client.connect_async(self._s.host, self._s.port, keepalive=self._s.keepalive_s)
+        except (ValueError, OSError) as exc:
+            raise BrokerError(f"mqtt.host: cannot use {self._s.host}:{self._s.port}: {exc}") from None
+        self._client.loop_start()
+
+    # --- paho callbacks (network thread) -----------------------------------------------------
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.last_error = str(reason_code)
+            logger.error("broker %s:%d refused the connection: %s", self._s.host, self._s.port, reason_code)
+            return
+        online = Message(self._s.availability_topic, ONLINE, retain=True, qos=1)
+        with self._lock:
+            self._connected = True
+            self.connects += 1
+            self.last_error = None
+            self._retained.pop(online.topic, None)
+            retained = list(self._retained.values())
+            self._retained = {online.topic: online, **self._retained}  # re-sent first on HA's birth too
+            backlog = list(self._backlog)
+            self._backlog.clear()
+        logger.info("connected to broker %s:%d", self._s.host, self._s.port)
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        self._send(online)
+        for message in retained + backlog:
+            self._send(message)
+        with self._lock:
+            self._idle.notify_all()
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError`: the exception at hand is the reason
+        # (refused, unresolvable host, TLS verification failed), which paho logs only at DEBUG.
+        reason = sys.exc_info()[1]
+        text = (str(reason).strip() or type(reason).__name__) if reason is not None else "connection failed"
+        if text != self.last_error:
+            logger.warning("cannot connect to broker %s:%d: %s; retrying", self._s.host, self._s.port, text)
+        self.last_error = text
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._lock:
+            was_connected = self._connected
+            self._connected = False
+            self._idle.notify_all()
+        if was_connected and not self._closing:
+            logger.warning("lost the broker connection (%s); reconnecting", reason_code)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            if self._unacked.pop(mid, None) is None:
+                self._early_acks.add(mid)  # acknowledged before _send recorded it
+            self._idle.notify_all()
+
+    def _handle_message(self, client, userdata, message) -> None:
+        for pattern, callback in self._subscriptions.items():
+            if paho.topic_matches_sub(pattern, message.topic):
+                try:
+                    callback(message.topic, message.payload)
+                except Exception:
+                    logger.exception("handler for %s failed", message.topic)
+
+    # --- publishing --------------------------------------------------------------------------
+
+    def _send(self, message: Message) -> None:
+        """Hand a message to paho. A QoS>0 message stays in paho's ordered queue until the broker
+        acknowledges it, across reconnects, so order holds across an outage.
+
+        paho is called without our lock held: its network thread holds its own lock while it
+        calls `_handle_publish`, which takes ours, and the opposite order would deadlock."""
+        info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+        with self._lock:
+            kept = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+                info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and message.qos > 0)  # paho re-sends it after CONNACK
+            if kept:
+                if info.mid in self._early_acks:
+                    self._early_acks.discard(info.mid)
+                else:
+                    self._unacked[info.mid] = message
+            elif not message.retain:
+                self._queue(message)  # QoS 0 while the link was down: paho would drop it
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 100 == 0:
+            logger.warning("broker unreachable and %d messages queued: dropped %d so far",
+                           self._s.queue_size, self.dropped)
+
+    def _queue(self, message: Message) -> None:
+        if len(self._backlog) >= self._s.queue_size:
+            self._backlog.popleft()
+            self._count_drop()
+        self._backlog.append(message)
+
+    def publish(self, message: Message) -> None:
+        """Send now, or keep for the next connection; never blocks on the network."""
+        with self._lock:
+            if message.retain:
+                # Only the latest value matters, and it is (re)sent on every connect.
+                self._retained[message.topic] = message
+                send = self._connected
+            elif self._connected:
+                send = True
+            elif message.qos == 0:
+                self._queue(message)
+                send = False
+            elif len(self._unacked) >= self._s.queue_size:
+                self._count_drop()  # the outage queue is full: the newest is the one not kept
+                send = False
+            else:
+                send = True
+        if send:
+            self._send(message)
+
+    def republish_retained(self) -> None:
+        """Send every retained message again (Home Assistant restarted and asked for them)."""
+        with self._lock:
+            retained = list(self._retained.values()) if self._connected else []
+        for message in retained:
+            self._send(message)
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def pending(self) -> int:
+        """Messages not yet acknowledged by the broker (queued or in flight)."""
+        with self._lock:
+            return len(self._backlog) + len(self._unacked)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every message is delivered; False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._backlog or self._unacked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.2))
+        return True
+
+    def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._connected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.2))
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish `offline`, wait for it, disconnect cleanly (so the broker does not send the Will)."""
+        with self._lock:
+            self._closing = True
+            connected = self._connected
+        if connected:
+            info = self._client.publish(self._s.availability_topic, OFFLINE, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+            # paho 2.2 logs an ERROR from its loop once the socket is closed on purpose.
+            self._client.disable_logger()
+            self._client.disconnect()
+        self._client.loop_stop()
+
+
+class MemoryPublisher:
+    """Keeps messages in memory: for `bench` (no broker in the measurement) and scripted runs."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.dropped = 0
+        self.connects = 0
+
+    def publish(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def republish_retained(self) -> None:
+        pass
+
+    def pending(self) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def start(self) -> None:
+        pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        pass

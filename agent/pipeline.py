@@ -1,0 +1,296 @@
+"""Wires the stages into the loop: capture -> detect -> classify -> track/smooth -> publish.
+
+Nothing here computes: each stage does its job, this module decides what runs when, times it,
+and turns its results into messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from agent import payloads
+from agent.capture import FrameSource, make_source
+from agent.classify import EmotionClassifier, TFLiteEmotionClassifier, default_model_path
+from agent.config import Config, client_id, hostname, read_password, topic_root
+from agent.detect import FaceDetector, make_detector
+from agent.discovery import (DiscoverySettings, birth_topic, discovery_messages, encoded, expire_after_for,
+                             node_id_for)
+from agent.events import Event, TrackedFace
+from agent.faces import FaceStateTracker
+from agent.mqtt import BrokerSettings, Message, MqttPublisher, Publisher
+from agent.notify import SystemdNotifier
+from agent.stats import StageTimes, Stopwatch
+from agent.topics import Topics
+from agent.types import Detection, FaceObservation
+
+logger = logging.getLogger(__name__)
+
+# How long a still image is held so the smoother can settle on its expression (seconds).
+STILL_IMAGE_STEP_S = 0.1
+
+
+def make_detector_from(cfg: Config) -> FaceDetector:
+    d = cfg.detector
+    return make_detector(d.kind, model_path=d.model or default_model_path("face_detection_full_range.tflite"),
+                         score_threshold=d.score_threshold, nms_iou=d.nms_iou, threads=d.threads,
+                         haar_scale_factor=d.haar_scale_factor, haar_min_neighbors=d.haar_min_neighbors,
+                         min_face_size=d.min_face_size)
+
+
+def make_classifier_from(cfg: Config) -> EmotionClassifier:
+    c = cfg.classifier
+    return TFLiteEmotionClassifier(c.model or default_model_path(), crop_margin=c.crop_margin, threads=c.threads)
+
+
+def make_tracker_from(cfg: Config) -> FaceStateTracker:
+    t, s = cfg.tracking, cfg.smoothing
+    return FaceStateTracker(max_gap_s=t.max_gap_s, min_iou=t.min_iou, smoothing_window_s=s.window_s,
+                            change_margin=s.change_margin, dwell_s=s.dwell_s, confidence_gate=s.confidence_gate)
+
+
+def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, bytes], None]) -> MqttPublisher:
+    m = cfg.mqtt
+    settings = BrokerSettings(
+        host=m.host, port=m.port, client_id=client_id(m), availability_topic=topics.availability, qos=m.qos,
+        keepalive_s=m.keepalive_s, username=m.username, password=read_password(m) if m.username else None,
+        tls=m.tls.enabled, ca_file=m.tls.ca_file, cert_file=m.tls.cert_file, key_file=m.tls.key_file,
+        tls_insecure=m.tls.insecure, queue_size=m.queue_size, reconnect_min_s=m.reconnect_min_s,
+        reconnect_max_s=m.reconnect_max_s)
+    subscriptions = {birth_topic(m.discovery.prefix): on_birth} if m.discovery.enabled else {}
+    return MqttPublisher(settings, subscriptions=subscriptions)
+
+
+@dataclass
+class RunResult:
+    frames: int = 0
+    events: int = 0
+    stopped_by_user: bool = False
+
+
+@dataclass
+class Agent:
+    """One run of the loop. Build it with `Agent.from_config`, then `run()`; `stop()` from any thread."""
+
+    cfg: Config
+    source: FrameSource
+    detector: FaceDetector
+    classifier: EmotionClassifier
+    tracker: FaceStateTracker
+    publisher: Publisher
+    topics: Topics
+    preview: object | None = None
+    notifier: SystemdNotifier = field(default_factory=SystemdNotifier)
+    clock: Callable[[], float] = time.time
+    times: StageTimes = field(default_factory=StageTimes)
+    on_frame: Callable[[], None] | None = None  # called after each processed frame (progress, limits)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _watch: Stopwatch = field(default_factory=Stopwatch)
+    _last_detect: float | None = None
+    _next_idle_stats: float = 0.0
+    _detected: list = field(default_factory=list)
+    _started: float = field(default_factory=time.monotonic)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _publish(self, topic: str, payload: dict, retain: bool = False) -> None:
+        self.publisher.publish(Message(topic, payloads.encode(payload), retain=retain, qos=self.cfg.mqtt.qos))
+
+    def _publish_events(self, events: Sequence[Event]) -> None:
+        wall = self.clock()
+        for event in events:
+            payload = payloads.event_payload(event, wall)
+            self._publish(self.topics.event(payload["event"]), payload)
+            logger.info("%s face %s %s", payload["event"], payload["face_id"],
+                        payload.get("emotion", payload.get("last_emotion", "")))
+
+    def _publish_state(self, faces: Sequence[TrackedFace]) -> None:
+        self._publish(self.topics.state, payloads.state_payload(faces, self.clock()), retain=True)
+
+    def stats_payload(self) -> dict:
+        pub = self.publisher
+        return {
+            "schema": payloads.SCHEMA_VERSION,
+            "timestamp": payloads.iso_time(self.clock()),
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "frames": self.times.frames,
+            "fps": round(self.times.fps(), 2),
+            "latency_ms": self.times.latency_ms(),
+            "dropped_frames": self.source.dropped(),
+            "corrupt_frames": self.source.corrupt(),
+            "camera": self.source.status(),
+            "mqtt": {"dropped": getattr(pub, "dropped", 0), "pending": pub.pending() if hasattr(pub, "pending") else 0,
+                     "connects": getattr(pub, "connects", 0)},
+        }
+
+    def publish_discovery(self) -> None:
+        m = self.cfg.mqtt
+        if not m.discovery.enabled:
+            return
+        settings = DiscoverySettings(
+            prefix=m.discovery.prefix, node_id=node_id_for(client_id(m)), device_name=f"Emotion agent {hostname()}",
+            topics=self.topics, state_expire_after_s=expire_after_for(m.summary_interval_s),
+            stats_expire_after_s=expire_after_for(m.stats_interval_s))
+        for topic, payload in encoded(discovery_messages(settings)):
+            self.publisher.publish(Message(topic, payload, retain=True, qos=1))
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _pace(self, frame_started: float) -> None:
+        """With camera.max_fps, rest until the next frame slot (a live source keeps only the newest)."""
+        max_fps = self.cfg.camera.max_fps
+        if max_fps and self.source.live:
+            rest = frame_started + 1.0 / max_fps - time.monotonic()
+            if rest > 0:
+                self._stop.wait(rest)
+
+    def _detections(self, frame) -> list[Detection]:
+        """Fresh detections when one is due (detector.interval_s), else the faces found last time.
+
+        Expressions change within a frame or two, faces move little in a tenth of a second: so the
+        cheap classifier runs on every frame, and the detector, the costliest stage, only as often
+        as the interval asks. The tracker still sees a box for every face on every frame."""
+        interval = self.cfg.detector.interval_s
+        elapsed = frame.timestamp - (self._last_detect if self._last_detect is not None else -math.inf)
+        # 1 ms of slack: frame times of a 10 frames/s video are 0.1 apart only up to float rounding
+        if elapsed >= interval - 1e-3 or elapsed < 0:
+            self._detected = self.detector.detect(frame.image)
+            self._last_detect = frame.timestamp
+            self.times.add("detect", self._watch.lap())
+        return self._detected
+
+    def _process(self, frame) -> list[FaceObservation]:
+        detections = self._detections(frame)
+        self._watch.lap()  # a reused detection costs nothing: only a real one is timed as "detect"
+        scores = self.classifier.classify(frame.image, [d.box for d in detections]) if detections else []
+        self.times.add("classify", self._watch.lap())
+        return [FaceObservation(d, s) for d, s in zip(detections, scores)]
+
+    def run(self) -> RunResult:
+        result = RunResult()
+        m = self.cfg.mqtt
+        self.publish_discovery()
+        window: payloads.SummaryWindow | None = None
+        last_state_key = None
+        next_summary = next_stats = None
+        faces: list[TrackedFace] = []
+        frame = shown = None
+        now = 0.0
+        watch = self._watch  # one clock for every stage, _process's included
+        while not self._stop.is_set():
+            frame_started = time.monotonic()
+            frame = self.source.read()
+            if frame is None:
+                if not self.source.live:
+                    break
+                # No frame from the camera: keep telling the world (stats carry the camera status),
+                # but never ping the watchdog, so a camera hung for good gets the service restarted.
+                self.notifier.status(f"camera {self.source.status()}")
+                if time.monotonic() >= self._next_idle_stats:
+                    self._publish(self.topics.stats, self.stats_payload(), retain=True)
+                    self._next_idle_stats = time.monotonic() + m.stats_interval_s
+                continue
+            self.times.add("decode", watch.lap())
+            now = frame.timestamp
+            if window is None:
+                window = payloads.SummaryWindow(started=now)
+                next_summary, next_stats = now + m.summary_interval_s, now + m.stats_interval_s
+            watch.lap()
+            observations = self._process(frame)
+            faces, events = self.tracker.update(now, observations)
+            if self.source.still:
+                # A still image: hold the same observations while the smoother settles.
+                settle = self.cfg.smoothing.dwell_s + 3 * self.cfg.smoothing.window_s
+                t = now
+                while t < now + settle:
+                    t += STILL_IMAGE_STEP_S
+                    faces, more = self.tracker.update(t, observations)
+                    events += more
+                now = t
+            self.times.add("track", watch.lap())
+            window.add_frame(now, faces, events)
+            self._publish_events(events)
+            result.events += len(events)
+            key = payloads.state_key(faces)
+            if key != last_state_key:
+                self._publish_state(faces)
+                last_state_key = key
+            if now >= next_summary:
+                self._publish(self.topics.summary, window.payload(now, faces, self.clock()))
+                self._publish_state(faces)  # a heartbeat for expire_after
+                window = payloads.SummaryWindow(started=now)
+                next_summary = now + m.summary_interval_s
+            self.times.add("publish", watch.lap())
+            self.times.frame_done(time.monotonic())
+            result.frames += 1
+            if result.frames == 1:
+                self.notifier.ready()
+                logger.info("first frame processed; running")
+            self.notifier.status("processing frames")  # sent only when it changes
+            self.notifier.watchdog()
+            if now >= next_stats:
+                self._publish(self.topics.stats, self.stats_payload(), retain=True)
+                next_stats = now + m.stats_interval_s
+            if self.preview is not None:
+                shown = frame
+                if not self.preview.show(frame.image, faces, self.times.fps()):
+                    result.stopped_by_user = True
+                    break
+            if self.on_frame is not None:
+                self.on_frame()
+            self._pace(frame_started)
+            watch.lap()
+        if self.preview is not None and shown is not None and self.source.still and not result.stopped_by_user:
+            self.preview.hold(shown.image, faces, self.times.fps(), self._stop.is_set)
+        self.notifier.stopping()
+        # The end: every open face is lost, then a final summary, state and stats.
+        lost = self.tracker.close(now)
+        self._publish_events(lost)
+        result.events += len(lost)
+        if window is not None:
+            window.add_events(lost)
+            self._publish(self.topics.summary, window.payload(now, [], self.clock()))
+        self._publish_state([])
+        self._publish(self.topics.stats, self.stats_payload(), retain=True)
+        return result
+
+
+def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop: bool = False,
+                source: FrameSource | None = None, publisher: Publisher | None = None) -> Agent:
+    """Every stage from the config (a source or publisher given here replaces the configured one).
+    Raises AgentError subclasses with one-line messages."""
+    topics = Topics(topic_root(cfg.mqtt))
+    preview = None
+    if show:  # first: a missing display should not wait for the models to load
+        from agent.preview import Preview
+
+        preview = Preview()
+    if source is None:
+        source = make_source(cfg.source, cfg.camera, realtime=realtime, loop=loop)
+    detector = make_detector_from(cfg)
+    classifier = make_classifier_from(cfg)
+    holder: dict[str, Agent] = {}
+
+    def on_birth(topic: str, payload: bytes) -> None:
+        agent = holder.get("agent")
+        if agent is not None and payload.strip().lower() == b"online":
+            logger.info("Home Assistant came online: re-sending discovery and state")
+            agent.publisher.republish_retained()
+
+    if publisher is None:
+        publisher = make_publisher_from(cfg, topics, on_birth)
+    agent = Agent(cfg=cfg, source=source, detector=detector, classifier=classifier,
+                  tracker=make_tracker_from(cfg), publisher=publisher, topics=topics, preview=preview)
+    holder["agent"] = agent
+    return agent

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Installs (or upgrades) emotion-agent as a systemd service:
+#   virtualenv /opt/emotion-agent/venv, config /etc/emotion-agent/config.yaml (never overwritten),
+#   secrets /etc/emotion-agent/env (mode 600), unit /etc/systemd/system/emotion-agent.service.
+# Usage: sudo deploy/install.sh [--root DIR] [--source DIR] [--no-systemctl]
+#                               [--system-site-packages] [--pip-args "ARGS"]
+#   --root DIR      install under DIR instead of / (tests); no user, no systemctl there
+#   --source DIR    the project checkout (default: the one this script is in)
+#   --no-systemctl  do not reload/enable/restart the service (containers, image builds)
+set -eu
+
+root=/
+source_dir=$(cd "$(dirname "$0")/.." && pwd)
+use_systemctl=1
+venv_args=()
+pip_args=()
+
+die() { echo "install.sh: $*" >&2; exit 1; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --root) root=${2:?--root needs a directory}; shift 2 ;;
+        --source) source_dir=${2:?--source needs a directory}; shift 2 ;;
+        --no-systemctl) use_systemctl=0; shift ;;
+        --system-site-packages) venv_args+=(--system-site-packages); shift ;;
+        --pip-args) read -r -a pip_args <<< "${2?--pip-args needs a value}"; shift 2 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) die "unknown option: $1 (see --help)" ;;
+    esac
+done
+[ -f "$source_dir/pyproject.toml" ] || die "no pyproject.toml in $source_dir (use --source)"
+[ -d "$root" ] || die "root directory not found: $root"
+root=$(cd "$root" && pwd)
+root=${root%/}  # "" for the live system
+prefix=$root/opt/emotion-agent
+etc=$root/etc/emotion-agent
+unit_dir=$root/etc/systemd/system
+is_live_root=0
+[ -z "$root" ] && is_live_root=1
+
+if [ "$is_live_root" = 1 ] && [ "$(id -u)" != 0 ]; then
+    die "run as root (sudo), or use --root DIR for a scratch install"
+fi
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+    || die "needs python3 >= 3.10 (found: $(python3 --version 2>&1))"
+
+echo "==> virtualenv in $prefix/venv"
+mkdir -p "$prefix"
+python3 -m venv ${venv_args[@]+"${venv_args[@]}"} "$prefix/venv" \
+    || die "cannot create a virtualenv (on Debian/Raspberry Pi OS: apt install python3-venv)"
+# Build from a copy: an in-tree build would leave build/ and *.egg-info, owned by root, in the checkout.
+build_dir=$(mktemp -d)
+trap 'rm -rf "$build_dir"' EXIT
+tar -C "$source_dir" --exclude=./.git --exclude=./build --exclude='./*.egg-info' --exclude=./.pytest_cache \
+    --exclude=./.venv -cf - . | tar -C "$build_dir" -xf -
+"$prefix/venv/bin/python" -m pip install --quiet --upgrade ${pip_args[@]+"${pip_args[@]}"} "$build_dir"
+install -m 0644 "$source_dir/README.md" "$prefix/README.md"
+
+if [ "$is_live_root" = 1 ]; then
+    if ! id emotion-agent >/dev/null 2>&1; then
+        echo "==> system user emotion-agent (in group video)"
+        groups=()
+        getent group video >/dev/null && groups=(--groups video)
+        useradd --system --user-group --home-dir /var/lib/emotion-agent --no-create-home \
+            --shell /usr/sbin/nologin ${groups[@]+"${groups[@]}"} emotion-agent
+    fi
+else
+    # useradd --root would need root and a passwd file under DIR; the unit's User= is created
+    # on the machine that runs it.
+    echo "==> scratch root: the emotion-agent user is created only on a live install"
+fi
+
+echo "==> configuration in $etc"
+install -d -m 0750 "$etc"
+if [ -e "$etc/config.yaml" ]; then
+    echo "    keeping the existing $etc/config.yaml"
+else
+    install -m 0640 "$source_dir/config.yaml" "$etc/config.yaml"
+fi
+if [ ! -e "$etc/env" ]; then
+    ( umask 077; printf '%s\n' '# Secrets for emotion-agent, read by systemd (keep mode 600).' \
+        '# EMOTION_AGENT_MQTT_PASSWORD=' > "$etc/env" )
+fi
+if [ "$is_live_root" = 1 ]; then
+    chown root:emotion-agent "$etc" "$etc/config.yaml"
+    chown root:root "$etc/env"
+fi
+# The same validation as `run`: a bad config stops here, before the service is (re)started.
+"$prefix/venv/bin/emotion-agent" check-config "$etc/config.yaml" \
+    || die "fix $etc/config.yaml, then run this again"
+
+echo "==> unit $unit_dir/emotion-agent.service"
+install -d "$unit_dir"
+install -m 0644 "$source_dir/deploy/emotion-agent.service" "$unit_dir/emotion-agent.service"
+
+if [ "$use_systemctl" = 1 ] && [ "$is_live_root" = 1 ]; then
+    systemctl daemon-reload
+    systemctl enable emotion-agent.service
+    # restart, not start: an upgrade must replace the running process.
+    systemctl restart emotion-agent.service
+    echo "==> running; logs: journalctl -u emotion-agent -f"
+else
+    echo "==> not started; on the device: systemctl daemon-reload && systemctl enable --now emotion-agent"
+fi

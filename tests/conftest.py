@@ -1,0 +1,183 @@
+"""Shared fixtures: a real mosquitto on a free port, a real subscriber, real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+class Broker:
+    """A mosquitto process we own: it can be stopped and started again on the same port."""
+
+    def __init__(self, workdir: Path, extra_config: str = "", port: int | None = None, persistent: bool = False):
+        self.persistent = persistent
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.extra_config = extra_config
+        self.process: subprocess.Popen | None = None
+        self.log = workdir / "mosquitto.log"
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        body = self.extra_config or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        # Persistence keeps subscribers' sessions (and their queued messages) across a restart.
+        persistence = (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistent
+                       else "persistence false\n")
+        if os.geteuid() == 0:
+            # Started as root, mosquitto drops to its own user, which cannot write pytest's
+            # private tmp_path: its saved sessions would be lost across a restart.
+            persistence += "user root\n"
+        conf.write_text(f"{persistence}log_dest stderr\n{body}")
+        self.process = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                        stderr=self.log.open("ab"))
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path):
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+class Subscriber:
+    """A real MQTT client that records every message it gets, for assertions with timeouts."""
+
+    def __init__(self, port: int, topics: str | list[str] = "#", client_id: str | None = None,
+                 clean_session: bool = True):
+        self.messages: queue.Queue = queue.Queue()
+        self.all: list[tuple[str, bytes, bool]] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean_session)
+        self._subscribed = queue.Queue()
+        topics = [topics] if isinstance(topics, str) else topics
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            for t in topics:
+                client.subscribe(t, qos=1)
+
+        def on_subscribe(client, userdata, mid, reason_codes, properties):
+            self._subscribed.put(mid)
+
+        def on_message(client, userdata, msg):
+            item = (msg.topic, msg.payload, bool(msg.retain))
+            self.all.append(item)
+            self.messages.put(item)
+
+        # Reconnect quickly after a broker restart (paho's default backoff grows to 2 minutes).
+        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.port = port
+
+    def start(self, timeout: float = 10.0) -> Subscriber:
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        self._subscribed.get(timeout=timeout)
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def wait_for(self, predicate, timeout: float = 10.0):
+        """The first message (topic, payload, retained) matching `predicate`, already seen or coming."""
+        for item in list(self.all):
+            if predicate(item):
+                return item
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no matching message")
+            try:
+                item = self.messages.get(timeout=remaining)
+            except queue.Empty:
+                raise TimeoutError("no matching message") from None
+            if predicate(item):
+                return item
+
+    def on_topic(self, suffix: str) -> list[dict]:
+        return [json.loads(p) for t, p, _ in self.all if t.endswith(suffix) and p.startswith(b"{")]
+
+
+@pytest.fixture
+def subscriber_factory():
+    made = []
+
+    def make(port: int, topics="#", **kwargs) -> Subscriber:
+        sub = Subscriber(port, topics, **kwargs).start()
+        made.append(sub)
+        return sub
+
+    yield make
+    for sub in made:
+        sub.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present (only on the developers' machines)")
+    return SHARED_DATA
+
+
+def astronaut_bgr() -> np.ndarray:
+    """scikit-image's astronaut photo (Eileen Collins, smiling), as OpenCV's BGR."""
+    skdata = pytest.importorskip("skimage.data")
+    return np.ascontiguousarray(skdata.astronaut()[:, :, ::-1])
+
+
+def grace_hopper_path() -> Path:
+    cbook = pytest.importorskip("matplotlib.cbook")
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+@pytest.fixture
+def smiling_photo(tmp_path) -> Path:
+    import cv2
+
+    path = tmp_path / "astronaut.jpg"
+    cv2.imwrite(str(path), astronaut_bgr())
+    return path

@@ -1,0 +1,73 @@
+"""`emotion-agent bench` and progress reporting."""
+
+import io
+import json
+import logging
+
+import pytest
+
+from agent.cli import main
+from agent.progress import Progress
+from tests.test_end_to_end import still_video
+
+
+def test_bench_reports_every_figure_for_the_agent_and_decode_only(tmp_path, capsys):
+    video = still_video(tmp_path / "clip.avi", seconds=3)
+    assert main(["bench", str(video), "--no-classic", "--json", "--plot", str(tmp_path / "plots")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    agent = report["agent"]
+    assert agent["frames"] == report["frames_in_video"] == 30
+    assert agent["fps"] > 0 and agent["cpu_s_per_frame"] > 0
+    assert set(agent["latency_ms"]) == {"decode", "detect", "classify", "track", "publish"}
+    for q in agent["latency_ms"].values():
+        assert 0 <= q["p50"] <= q["p99"]
+    assert report["startup_s"] > 0 and report["peak_rss_mib"] > 10
+    assert report["decode_only"]["frames"] == 30
+    assert report["ratios"]["agent_vs_decode_only"] == pytest.approx(agent["fps"] / report["decode_only"]["fps"],
+                                                                     rel=0.01)
+    assert report["events"] >= 3  # appeared, emotion known, lost (twice: the clip has a gap)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["fps_clip.png", "latency_clip.png"]
+
+
+def test_bench_plot_name_replaces_the_video_name(tmp_path, capsys):
+    video = still_video(tmp_path / "clip.avi", seconds=1)
+    assert main(["bench", str(video), "--no-classic", "--no-decode", "--plot", str(tmp_path / "p"),
+                 "--plot-name", "demo"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["fps_demo.png", "latency_demo.png"]
+
+
+def test_bench_max_frames_stops_early(tmp_path, capsys):
+    video = still_video(tmp_path / "clip.avi", seconds=3)
+    assert main(["bench", str(video), "--no-classic", "--no-decode", "--max-frames", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["agent"]["frames"] == 7
+
+
+def test_bench_on_a_missing_video_is_one_line(capsys):
+    assert main(["bench", "/nonexistent.mp4", "--no-classic"]) == 4
+    assert "video not found: /nonexistent.mp4" in capsys.readouterr().err
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_a_bar_on_a_terminal():
+    stream = FakeTerminal()
+    progress = Progress("agent", 10, stream=stream)
+    for _ in range(10):
+        progress.update()
+    progress.close()
+    assert "\r" in stream.getvalue() and "10/10 (100%" in stream.getvalue() and "[####" in stream.getvalue()
+
+
+def test_progress_logs_plain_lines_elsewhere(caplog):
+    stream = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="agent.progress"):
+        progress = Progress("agent", 4, stream=stream, log_every_s=0)
+        for _ in range(4):
+            progress.update()
+        progress.close()
+    assert stream.getvalue() == ""  # no carriage-return bar in a log
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) >= 4 and lines[-1] == lines[-1].strip() and "finished 4/4" in lines[-1]

@@ -1,0 +1,119 @@
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.capture import ImageSource, LiveSource, VideoFileSource, classify_source, make_source
+from agent.errors import SourceError
+
+
+def write_video(path, frames: int = 30, fps: float = 10.0, size=(64, 48)):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    for i in range(frames):
+        image = np.full((size[1], size[0], 3), (i * 8) % 256, np.uint8)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def test_video_file_yields_every_frame_with_video_timestamps(tmp_path):
+    source = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=30, fps=10)))
+    frames = []
+    while (frame := source.read()) is not None:
+        frames.append(frame)
+    assert len(frames) == 30
+    assert [f.index for f in frames] == list(range(30))
+    assert frames[-1].timestamp == pytest.approx(2.9)
+    assert source.status() == "ended" and source.dropped() == 0
+    assert source.read() is None
+
+
+def test_looping_video_starts_over(tmp_path):
+    source = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=5)), loop=True)
+    got = [source.read() for _ in range(12)]
+    assert all(f is not None for f in got)
+    assert got[-1].index == 11
+
+
+def test_image_source_is_one_still_frame(smiling_photo):
+    source = ImageSource(str(smiling_photo))
+    frame = source.read()
+    assert frame.image.shape == (512, 512, 3) and source.still
+    assert source.read() is None
+
+
+def test_live_source_hands_out_only_the_newest_frame_and_counts_the_rest(tmp_path):
+    # A real VideoCapture on a file read as fast as it decodes stands in for a fast camera.
+    clip = write_video(tmp_path / "clip.avi", frames=200, fps=30)
+    source = LiveSource(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
+    try:
+        first = source.read(timeout=5)
+        assert first is not None
+        time.sleep(0.3)  # a slow consumer
+        second = source.read(timeout=5)
+        assert second.index > first.index + 1, "a stale frame was handed out"
+        assert source.dropped() > 0
+    finally:
+        source.close()
+
+
+def test_live_source_reopens_after_the_stream_ends(tmp_path):
+    clip = write_video(tmp_path / "clip.avi", frames=10, fps=30)
+    source = LiveSource(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
+    try:
+        seen = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(seen) < 15:
+            frame = source.read(timeout=1)
+            if frame is not None:
+                seen.add(frame.index)
+        assert len(seen) >= 15, "the source did not come back after the end of the stream"
+    finally:
+        source.close()
+
+
+def test_live_source_that_cannot_open_keeps_retrying_and_says_so(tmp_path):
+    source = LiveSource(str(tmp_path / "unplugged.avi"), retry_initial_s=0.05, retry_max_s=0.1)
+    try:
+        assert source.read(timeout=0.5) is None
+        assert source.status() == "reconnecting"
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("0", "camera"), ("2", "camera"), ("rtsp://cam.local/stream", "stream"), ("http://cam/mjpg", "stream"),
+    ("HTTPS://cam/mjpg", "stream"),
+])
+def test_source_kinds(text, kind):
+    assert classify_source(text)[0] == kind
+
+
+def test_file_source_kinds(tmp_path, smiling_photo):
+    assert classify_source(str(smiling_photo)) == ("image", str(smiling_photo))
+    assert classify_source(str(write_video(tmp_path / "a.avi")))[0] == "video"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: str(tmp / "missing.mp4"), "source not found"),
+    (lambda tmp: str(tmp), "source is a directory"),
+    (lambda tmp: "/dev/video99", "camera device not found: /dev/video99"),
+])
+def test_unusable_source_is_one_line(tmp_path, make, message):
+    with pytest.raises(SourceError, match=message):
+        make_source(make(tmp_path))
+
+
+def test_corrupt_video_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(SourceError, match="cannot open video"):
+        make_source(str(bad))
+
+
+def test_corrupt_image_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(SourceError, match="cannot read image"):
+        make_source(str(bad))

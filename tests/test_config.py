@@ -1,0 +1,126 @@
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import Config, iter_settings, load_config, read_password, topic_root
+from agent.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_without_a_file():
+    cfg = load_config(None)
+    assert cfg.mqtt.port == 1883 and cfg.mqtt.qos == 1 and cfg.detector.kind == "blazeface"
+
+
+def test_shipped_config_yaml_is_valid_and_documents_every_setting():
+    cfg = load_config(ROOT / "config.yaml")
+    assert cfg == Config()  # the shipped file states the defaults
+    text = (ROOT / "config.yaml").read_text()
+    for path, _default, _description in iter_settings():
+        assert path.split(".")[-1] + ":" in text, f"config.yaml does not document {path}"
+
+
+def test_overrides_replace_file_values(tmp_path):
+    cfg = load_config(write(tmp_path, "mqtt:\n  port: 1999\n"), {"mqtt.port": 2000, "source": "clip.mp4"})
+    assert cfg.mqtt.port == 2000 and cfg.source == "clip.mp4"
+
+
+def test_numeric_source_means_a_camera_index(tmp_path):
+    assert load_config(write(tmp_path, "source: 0\n")).source == "0"
+
+
+def test_topic_root_contains_the_host_name_by_default():
+    import socket
+
+    assert socket.gethostname().split(".")[0].replace(".", "_")[:3] in topic_root(Config().mqtt)
+
+
+def test_password_comes_from_file_then_environment(tmp_path, monkeypatch):
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    cfg = load_config(write(tmp_path, f"mqtt:\n  username: u\n  password_file: {secret}\n"))
+    assert read_password(cfg.mqtt) == "s3cret"
+    monkeypatch.setenv("EMOTION_AGENT_MQTT_PASSWORD", "fromenv")
+    assert read_password(load_config(None).mqtt) == "fromenv"
+
+
+def test_config_object_is_frozen():
+    with pytest.raises(AttributeError):
+        Config().mqtt.port = 1  # type: ignore[misc]
+
+
+BAD_CONFIGS = [
+    ("mqtt:\n  prot: 1883\n", "config.yaml:2: mqtt.prot: unknown setting (did you mean 'port'?)"),
+    ("mqtt:\n  port: abc\n", "config.yaml:2: mqtt.port: expected an integer, got 'abc'"),
+    ("mqtt:\n  port: 70000\n", "config.yaml:2: mqtt.port: expected at most 65535, got 70000"),
+    ("mqtt:\n  port: 0\n", "mqtt.port: expected at least 1 and at most 65535, got 0"),
+    ("mqtt:\n  qos: 3\n", "mqtt.qos: expected at most 2, got 3"),
+    ("mqtt:\n  qos: true\n", "mqtt.qos: expected an integer, got True"),
+    ("mqtt: 5\n", "mqtt: expected a mapping of settings, got 5"),
+    ("mqtt:\n  host: 'mqtt://broker'\n", "mqtt.host: expected a host name or IP address"),
+    ("mqtt:\n  host: ''\n", "mqtt.host: expected a host name or IP address"),
+    ("mqtt:\n  topic_prefix: 'home/#'\n", "mqtt.topic_prefix: expected topic levels without wildcards"),
+    ("mqtt:\n  topic_prefix: 'home/'\n", "mqtt.topic_prefix: expected topic levels"),
+    ("mqtt:\n  queue_size: 0\n", "mqtt.queue_size: expected at least 1"),
+    ("mqtt:\n  password_file: /nonexistent/pw\n", "mqtt.password_file: file not found: /nonexistent/pw"),
+    ("mqtt:\n  tls:\n    ca_file: /nonexistent/ca.pem\n", "mqtt.tls.ca_file: file not found"),
+    ("mqtt:\n  tls:\n    enabled: yes please\n", "mqtt.tls.enabled: expected true or false, got 'yes please'"),
+    ("mqtt:\n  reconnect_min_s: 10\n  reconnect_max_s: 5\n", "mqtt.reconnect_max_s: must be at least"),
+    ("detector:\n  kind: yolo\n", "detector.kind: expected one of blazeface, haar, got 'yolo'"),
+    ("detector:\n  model: /nonexistent/model.tflite\n", "detector.model: file not found"),
+    ("classifier:\n  model: missing.tflite\n", "classifier.model: file not found: missing.tflite"),
+    ("classifier:\n  crop_margin: 5\n", "classifier.crop_margin: expected at most 1.0, got 5.0"),
+    ("smoothing:\n  window_s: 0\n", "smoothing.window_s: expected greater than 0"),
+    ("smoothing:\n  window_s: .nan\n", "smoothing.window_s: expected a finite number"),
+    ("smoothing:\n  confidence_gate: -0.1\n", "smoothing.confidence_gate: expected at least 0"),
+    ("tracking:\n  max_gap_s: null\n", "tracking.max_gap_s: must not be empty, expected a number"),
+    ("log_level: loud\n", "log_level: expected one of debug, info, warning, error, got 'loud'"),
+    ("source: ''\n", "source: must not be empty"),
+    ("- a\n- b\n", "expected a mapping of settings at the top level, got list"),
+    ("mqtt:\n  port: [1\n", "invalid YAML"),
+    ("camera:\n  retry_initial_s: 10\n  retry_max_s: 1\n", "camera.retry_max_s: must be at least"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS, ids=[m.split(":")[0] + m[:30] for _, m in BAD_CONFIGS])
+def test_bad_config_is_one_clear_line(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    # check-config runs the same validation and prints the same line, no traceback
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("make_path, message", [
+    (lambda tmp: tmp / "nope.yaml", "config file not found"),
+    (lambda tmp: tmp, "config path is a directory"),
+])
+def test_unusable_config_path_is_one_line(tmp_path, capsys, make_path, message):
+    assert main(["check-config", str(make_path(tmp_path))]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_config_accepts_the_shipped_file(capsys):
+    assert main(["check-config", str(ROOT / "config.yaml")]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_smoothing_defaults_are_the_measured_ones():
+    from agent.smoothing import SmoothingParams
+
+    measured = SmoothingParams()
+    cfg = Config().smoothing
+    assert (cfg.window_s, cfg.change_margin, cfg.dwell_s, cfg.confidence_gate) == (
+        measured.window_s, measured.change_margin, measured.dwell_s, measured.confidence_gate)

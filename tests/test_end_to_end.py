@@ -1,0 +1,206 @@
+"""The real command, real models, real photos, a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import astronaut_bgr
+
+PREFIX = "test/agent"
+
+
+def run_agent(port: int, source: Path | str, *extra: str, timeout: float = 120, env=None,
+              config: Path | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "agent", "run", "--source", str(source), "--mqtt-port", str(port),
+            "--topic-prefix", PREFIX, *extra]
+    if config is not None:
+        args += ["--config", str(config)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def events(sub, kind: str) -> list[dict]:
+    return [json.loads(p) for t, p, _ in sub.all if t == f"{PREFIX}/event/{kind}"]
+
+
+def test_smiling_photo_puts_a_happy_event_on_the_broker(broker, subscriber_factory, smiling_photo):
+    sub = subscriber_factory(broker.port, f"{PREFIX}/#")
+    done = run_agent(broker.port, smiling_photo)
+    assert done.returncode == 0, done.stderr
+    changed = events(sub, "emotion_changed")
+    assert changed, f"no emotion_changed event; stderr: {done.stderr[-2000:]}"
+    event = changed[0]
+    assert event["emotion"] == "happy" and event["previous"] is None
+    assert list(event["scores"]) == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    assert event["confidence"] == max(event["scores"].values()) or event["confidence"] > 0.5
+    x, y, w, h = event["box"]
+    assert 120 < x + w / 2 < 330 and 20 < y + h / 2 < 250  # the astronaut's face
+    # the face appeared before its emotion was known, and was lost at the end
+    assert events(sub, "face_appeared")[0]["face_id"] == event["face_id"]
+    assert events(sub, "face_lost")[0]["face_id"] == event["face_id"]
+    # a fresh subscriber sees the retained state and availability at once
+    fresh = subscriber_factory(broker.port, [f"{PREFIX}/state", f"{PREFIX}/availability"])
+    fresh.wait_for(lambda m: m[0] == f"{PREFIX}/availability" and m[1] == b"offline" and m[2])
+    fresh.wait_for(lambda m: m[0] == f"{PREFIX}/state" and m[2])
+
+
+def still_video(path: Path, seconds: float = 4.0, fps: float = 10.0) -> Path:
+    """The astronaut photo, slowly drifting, as a video with a face-less gap in the middle."""
+    image = astronaut_bgr()
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (640, 480))
+    frames = int(seconds * fps)
+    for i in range(frames):
+        canvas = np.full((480, 640, 3), 90, np.uint8)
+        if not frames // 2 <= i < frames // 2 + fps * 2:  # 2 s with no face: the face is lost
+            dx = i
+            canvas[:, dx:dx + 512] = cv2.resize(image, (512, 480))[:, : 640 - dx]
+        writer.write(canvas)
+    writer.release()
+    return path
+
+
+def test_video_file_runs_to_completion_with_events_and_summaries(broker, subscriber_factory, tmp_path):
+    video = still_video(tmp_path / "clip.avi", seconds=6)
+    config = tmp_path / "config.yaml"
+    config.write_text("mqtt:\n  summary_interval_s: 1\n  stats_interval_s: 1\n")
+    sub = subscriber_factory(broker.port, f"{PREFIX}/#")
+    done = run_agent(broker.port, video, config=config)
+    assert done.returncode == 0, done.stderr
+    appeared = events(sub, "face_appeared")
+    lost = events(sub, "face_lost")
+    assert len(appeared) == 2 and len(lost) == 2, "the face gone for 2 s must come back with a new id"
+    assert appeared[0]["face_id"] != appeared[1]["face_id"]
+    assert any(e["emotion"] == "happy" for e in events(sub, "emotion_changed"))
+    summaries = [json.loads(p) for t, p, _ in sub.all if t == f"{PREFIX}/summary"]
+    assert len(summaries) >= 4
+    assert summaries[0]["faces_in_view"] == 1 and summaries[0]["window"]["frames"] >= 9
+    assert abs(sum(summaries[0]["window"]["emotion_share"].values()) - 1) < 0.01
+    stats = [json.loads(p) for t, p, _ in sub.all if t == f"{PREFIX}/stats"]
+    assert stats and stats[-1]["frames"] == 60 and stats[-1]["camera"] == "ended"
+    assert {"detect", "classify"} <= set(stats[-1]["latency_ms"])
+    assert not any(r for t, _, r in sub.all if "/event/" in t), "events must never be retained"
+
+
+def test_run_without_a_broker_fails_after_the_flush_timeout(tmp_path, smiling_photo):
+    from tests.conftest import free_port
+
+    done = run_agent(free_port(), smiling_photo, "--flush-timeout", "1")
+    assert done.returncode == 1
+    assert "message(s) not delivered" in done.stderr and "Traceback" not in done.stderr
+
+
+def _file(tmp, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content)
+    return str(path)
+
+
+BAD_COMMAND_LINES = [
+    (lambda tmp: ["--source", "/nonexistent.mp4"], "source not found: /nonexistent.mp4"),
+    (lambda tmp: ["--source", str(tmp)], "source is a directory"),
+    (lambda tmp: ["--source", _file(tmp, "broken.jpg", b"not a jpeg")], "cannot read image"),
+    (lambda tmp: ["--source", _file(tmp, "broken.mp4", b"\0" * 4096)], "cannot open video"),
+    (lambda tmp: ["--source", "/dev/video99"], "camera device not found: /dev/video99"),
+    (lambda tmp: ["--mqtt-port", "99999"], "expected a port number 1..65535"),
+    (lambda tmp: ["--mqtt-port", "abc"], "expected a port number 1..65535"),
+    (lambda tmp: ["--mqtt-host", "mqtt://x"], "mqtt.host: expected a host name or IP address"),
+    (lambda tmp: ["--mqtt-host", "a b"], "mqtt.host: expected a host name or IP address"),
+    (lambda tmp: ["--topic-prefix", "a/#"], "mqtt.topic_prefix: expected topic levels without wildcards"),
+    (lambda tmp: ["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+    (lambda tmp: ["--config", _file(tmp, "c.yaml", b"classifier:\n  model: "
+                                    + _file(tmp, "junk.tflite", b"junk").encode() + b"\n")], "cannot load model"),
+    (lambda tmp: ["--config", _file(tmp, "c.yaml", b"detector:\n  model: /nonexistent.tflite\n")],
+     "detector.model: file not found"),
+    (lambda tmp: ["--config", _file(tmp, "c.yaml", b"mqtt:\n  tls:\n    enabled: true\n    ca_file: "
+                                    + _file(tmp, "ca.pem", b"not a certificate").encode() + b"\n")],
+     "mqtt.tls: cannot load certificates"),
+]
+
+
+@pytest.mark.parametrize("make_args, message", BAD_COMMAND_LINES, ids=[m for _, m in BAD_COMMAND_LINES])
+def test_bad_command_line_is_one_line_and_non_zero(tmp_path, smiling_photo, make_args, message):
+    args = make_args(tmp_path)
+    if "--source" not in args:
+        args += ["--source", str(smiling_photo)]
+    done = subprocess.run([sys.executable, "-m", "agent", "run", *args], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_show_without_a_display_is_one_clear_line(broker, smiling_photo):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    done = run_agent(broker.port, smiling_photo, "--show", env=env)
+    assert done.returncode == 6
+    assert "needs a display" in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+@pytest.fixture
+def xvfb():
+    if not shutil.which("Xvfb") or not shutil.which("xdotool"):
+        pytest.fail("Xvfb and xdotool are needed for the preview test (apt-get install xvfb xdotool)")
+    display = f":{90 + os.getpid() % 500}"
+    proc = subprocess.Popen(["Xvfb", display, "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    socket_path = Path(f"/tmp/.X11-unix/X{display[1:]}")
+    deadline = time.monotonic() + 10
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield display
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_preview_window_shows_the_photo_and_quits_on_q(broker, subscriber_factory, smiling_photo, xvfb):
+    sub = subscriber_factory(broker.port, f"{PREFIX}/#")
+    env = dict(os.environ, DISPLAY=xvfb)
+    env.pop("WAYLAND_DISPLAY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", str(smiling_photo), "--show",
+                             "--mqtt-port", str(broker.port), "--topic-prefix", PREFIX],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        window = ""
+        deadline = time.monotonic() + 60
+        while not window and time.monotonic() < deadline:
+            found = subprocess.run(["xdotool", "search", "--name", "^emotion-agent$"], env=env,
+                                   capture_output=True, text=True)
+            window = found.stdout.split()[0] if found.stdout.split() else ""
+            time.sleep(0.2)
+        assert window, "the preview window never appeared"
+        # The window stays open on a still image until the user quits.
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+        subprocess.run(["xdotool", "windowactivate", "--sync", window], env=env, capture_output=True)
+        subprocess.run(["xdotool", "key", "--window", window, "q"], env=env, check=True)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert any(e["emotion"] == "happy" for e in events(sub, "emotion_changed"))
+
+
+def test_real_video_runs_to_completion_with_events_and_summaries(broker, subscriber_factory, shared_data, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("mqtt:\n  summary_interval_s: 2\n")
+    sub = subscriber_factory(broker.port, f"{PREFIX}/#")
+    done = run_agent(broker.port, shared_data / "videos" / "hamilton_640x360.mp4", config=config)
+    assert done.returncode == 0, done.stderr
+    appeared, lost = events(sub, "face_appeared"), events(sub, "face_lost")
+    assert appeared and {e["face_id"] for e in appeared} == {e["face_id"] for e in lost}
+    assert events(sub, "emotion_changed")
+    summaries = [json.loads(p) for t, p, _ in sub.all if t == f"{PREFIX}/summary"]
+    assert len(summaries) >= 5  # 11 s of video, one every 2 s, and a final one
+    assert sum(s["window"]["frames"] for s in summaries) == 275

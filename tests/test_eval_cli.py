@@ -1,0 +1,49 @@
+"""`emotion-agent eval` end to end through the real command."""
+
+import json
+
+import cv2
+import pytest
+
+from agent.cli import main
+from tests.conftest import astronaut_bgr
+
+
+@pytest.fixture
+def tiny_fer(tmp_path):
+    """The astronaut's face in a FER2013-style folder: 48x48 gray, framed like FER faces."""
+    face = cv2.cvtColor(astronaut_bgr()[10:230, 130:340], cv2.COLOR_BGR2GRAY)
+    (tmp_path / "happy").mkdir()
+    cv2.imwrite(str(tmp_path / "happy" / "a.png"), cv2.resize(face, (48, 48), interpolation=cv2.INTER_AREA))
+    return tmp_path
+
+
+def test_eval_prints_accuracy_as_json(tiny_fer, capsys):
+    assert main(["eval", str(tiny_fer), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 1 and report["accuracy"] == 1.0
+
+
+def test_eval_margins_reports_each_margin(tiny_fer, capsys):
+    assert main(["eval", str(tiny_fer), "--margins", "0,0.1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["faces"] == 1 and set(report["accuracy"]) == {"0", "0.1"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "/nonexistent"], "not found: /nonexistent"),
+    (["eval", "{tmp}", "--margins", "a,b"], "--margins: expected numbers"),
+    (["eval", "{tmp}"], "no class folders"),
+    (["eval", "--faces", "{tmp}"], "no imglab .xml files"),
+])
+def test_eval_bad_input_is_one_line(tmp_path, capsys, args, message):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_margin_chosen_by_measurement_beats_a_loose_crop(shared_data, capsys):
+    assert main(["eval", str(shared_data / "fer2013" / "publictest"), "--margins", "0.1,0.4",
+                 "--limit", "60", "--json"]) == 0
+    accuracy = json.loads(capsys.readouterr().out)["accuracy"]
+    assert accuracy["0.1"] > accuracy["0.4"] + 0.05

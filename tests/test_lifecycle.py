@@ -1,0 +1,152 @@
+"""The daemon's life: signals, config reload, a broker that restarts under it."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Broker
+from tests.test_end_to_end import still_video
+
+
+def start_agent(port: int, video: Path, config: Path | None = None, prefix: str = "life/agent",
+                extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    args = [sys.executable, "-m", "agent", "run", "--source", str(video), "--loop", "--realtime",
+            "--mqtt-port", str(port), "--log-level", "info", *extra]
+    if prefix:
+        args += ["--topic-prefix", prefix]
+    if config is not None:
+        args += ["--config", str(config)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen) -> tuple[int, float, str]:
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    return proc.returncode, time.monotonic() - started, err
+
+
+@pytest.fixture
+def clip(tmp_path) -> Path:
+    return still_video(tmp_path / "clip.avi", seconds=4)
+
+
+def test_sigterm_publishes_final_summary_and_offline_then_exits_0_within_5_s(broker, subscriber_factory, clip):
+    sub = subscriber_factory(broker.port, "life/agent/#")
+    proc = start_agent(broker.port, clip)
+    try:
+        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+        code, took, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert took < 5.0
+    sub.wait_for(lambda m: m[0] == "life/agent/summary")
+    sub.wait_for(lambda m: m[0] == "life/agent/event/face_lost")
+    sub.wait_for(lambda m: m[0] == "life/agent/availability" and m[1] == b"offline")
+    assert "Traceback" not in err
+
+
+def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("mqtt:\n  topic_prefix: first/agent\n")
+    sub = subscriber_factory(broker.port, ["first/#", "second/#"])
+    proc = start_agent(broker.port, clip, config=config, prefix="")
+    try:
+        sub.wait_for(lambda m: m[0] == "first/agent/availability" and m[1] == b"online", timeout=60)
+        config.write_text("mqtt:\n  topic_prefix: second/agent\n  prot: 1\n")  # a typo: rejected, kept running
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        config.write_text("mqtt:\n  topic_prefix: second/agent\n")
+        proc.send_signal(signal.SIGHUP)
+        sub.wait_for(lambda m: m[0] == "second/agent/availability" and m[1] == b"online", timeout=60)
+        code, _, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "new configuration rejected" in err and "mqtt.prot: unknown setting" in err
+
+
+EVENT_LOG = re.compile(r"(face_appeared|emotion_changed|face_lost) face (\d+)")
+
+
+def test_broker_restart_mid_run_loses_no_event(tmp_path, subscriber_factory, clip):
+    broker = Broker(tmp_path, persistent=True)
+    broker.start()
+    sub = subscriber_factory(broker.port, "life/agent/event/+", client_id="home-automation", clean_session=False)
+    proc = start_agent(broker.port, clip, extra=("--flush-timeout", "30"))
+    try:
+        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+        broker.stop()
+        time.sleep(4)  # the clip loops: faces are lost and found while the broker is down
+        broker.start()
+        time.sleep(3)
+        code, _, err = stop(proc)
+        assert code == 0, err
+        produced = [(kind, int(face)) for kind, face in EVENT_LOG.findall(err)]
+        assert len(produced) >= 6
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            received = [(t.rsplit("/", 1)[1], json.loads(p)["face_id"]) for t, p, _ in sub.all]
+            if all(e in received for e in produced):
+                break
+            time.sleep(0.2)
+        missing = [e for e in produced if e not in received]
+        assert not missing, f"lost across the broker restart: {missing}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        broker.stop()
+
+
+def test_unreachable_camera_keeps_the_agent_running_and_says_so(broker, subscriber_factory, tmp_path):
+    from tests.conftest import free_port
+
+    config = tmp_path / "config.yaml"
+    config.write_text("mqtt:\n  stats_interval_s: 1\ncamera:\n  retry_initial_s: 0.2\n  retry_max_s: 0.5\n")
+    sub = subscriber_factory(broker.port, "life/agent/#")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), "--source",
+                             f"http://127.0.0.1:{free_port()}/camera.mjpg", "--mqtt-port", str(broker.port),
+                             "--topic-prefix", "life/agent"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _, payload, _ = sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1], timeout=30)
+        assert json.loads(payload)["frames"] == 0
+        fresh = subscriber_factory(broker.port, "life/agent/stats")
+        assert fresh.wait_for(lambda m: m[2])  # retained: a dashboard sees the camera's state at once
+        assert proc.poll() is None
+        code, took, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0 and took < 5.0, err
+
+
+def test_home_assistant_birth_gets_discovery_again(broker, subscriber_factory, clip):
+    proc = start_agent(broker.port, clip)
+    try:
+        first = subscriber_factory(broker.port, "homeassistant/+/+/+/config")
+        first.wait_for(lambda m: m[0].endswith("dominant_emotion/config"), timeout=60)
+        watcher = subscriber_factory(broker.port, "homeassistant/#")
+        watcher.wait_for(lambda m: m[0].endswith("/config"))
+        before = sum(1 for t, _, r in watcher.all if t.endswith("/config") and not r)
+        watcher.client.publish("homeassistant/status", "online", qos=1)
+        # a live (not retained) copy of the discovery messages arrives after the birth message
+        watcher.wait_for(lambda m: m[0].endswith("dominant_emotion/config") and not m[2], timeout=10)
+        assert sum(1 for t, _, r in watcher.all if t.endswith("/config") and not r) > before
+        code, _, err = stop(proc)
+        assert code == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,176 @@
+"""The MQTT publisher against a real mosquitto: availability, Last Will, outages, ordering."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agent.mqtt import BrokerSettings, Message, MqttPublisher
+from tests.conftest import Broker
+
+AVAIL = "test/agent/availability"
+
+
+def make_publisher(port: int, **overrides) -> MqttPublisher:
+    settings = BrokerSettings(host="127.0.0.1", port=port, client_id=overrides.pop("client_id", "agent-under-test"),
+                              availability_topic=AVAIL, reconnect_min_s=1, reconnect_max_s=2, **overrides)
+    return MqttPublisher(settings)
+
+
+def is_msg(topic, payload=None, retained=None):
+    def match(item):
+        t, p, r = item
+        return t == topic and (payload is None or p == payload) and (retained is None or r == retained)
+    return match
+
+
+def test_connect_publishes_retained_online_and_close_publishes_offline(broker, subscriber_factory):
+    pub = make_publisher(broker.port)
+    pub.start()
+    assert pub.wait_connected(10)
+    late = subscriber_factory(broker.port, AVAIL)  # subscribes after: sees the retained value
+    late.wait_for(is_msg(AVAIL, b"online", retained=True))
+    pub.close()
+    late.wait_for(is_msg(AVAIL, b"offline"))
+    fresh = subscriber_factory(broker.port, AVAIL)
+    fresh.wait_for(is_msg(AVAIL, b"offline", retained=True))
+
+
+def test_last_will_marks_a_vanished_agent_offline(broker, subscriber_factory):
+    sub = subscriber_factory(broker.port, AVAIL)
+    script = textwrap.dedent(f"""
+        import time
+        from agent.mqtt import BrokerSettings, MqttPublisher
+        p = MqttPublisher(BrokerSettings(host="127.0.0.1", port={broker.port}, client_id="doomed",
+                                         availability_topic="{AVAIL}"))
+        p.start(); assert p.wait_connected(10); print("up", flush=True); time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        sub.wait_for(is_msg(AVAIL, b"online"))
+        proc.kill()  # no DISCONNECT: the broker must send the Will
+        sub.wait_for(is_msg(AVAIL, b"offline"), timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_events_published_before_the_broker_exists_arrive_in_order(tmp_path, subscriber_factory):
+    broker = Broker(tmp_path, persistent=True)
+    broker.start()
+    # A persistent subscriber session, as Home Assistant or Node-RED would have.
+    sub = subscriber_factory(broker.port, "test/events", client_id="listener", clean_session=False)
+    broker.stop()
+    pub = make_publisher(broker.port, qos=1)
+    pub.start()  # no broker: must not raise, must keep trying
+    for i in range(20):
+        pub.publish(Message("test/events", json.dumps({"n": i})))
+    assert not pub.connected and pub.pending() == 20
+    broker.start()
+    try:
+        assert pub.flush(20)
+        for i in range(20):
+            sub.wait_for(lambda item, i=i: item[0] == "test/events" and json.loads(item[1])["n"] == i, timeout=15)
+        received = [json.loads(p)["n"] for t, p, _ in sub.all if t == "test/events"]
+        assert sorted(set(received)) == list(range(20))
+        first_seen = [n for k, n in enumerate(received) if n not in received[:k]]
+        assert first_seen == list(range(20))
+        assert pub.dropped == 0
+    finally:
+        pub.close()
+        broker.stop()
+
+
+def test_broker_restart_loses_no_event_and_republishes_retained_state(tmp_path, subscriber_factory):
+    broker = Broker(tmp_path, persistent=True)
+    broker.start()
+    sub = subscriber_factory(broker.port, ["test/events", "test/state", AVAIL], client_id="listener",
+                             clean_session=False)
+    pub = make_publisher(broker.port, qos=1)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        pub.publish(Message("test/state", "before", retain=True))
+        for i in range(10):
+            pub.publish(Message("test/events", str(i)))
+        assert pub.flush(10)
+        # Let the broker hand these on before it goes down: what it held in flight to a subscriber
+        # at its own shutdown is the broker's business, not the agent's.
+        sub.wait_for(is_msg("test/events", b"9"))
+        broker.stop()
+        for i in range(10, 30):  # produced during the outage
+            pub.publish(Message("test/events", str(i)))
+        pub.publish(Message("test/state", "during", retain=True))
+        broker.start()
+        assert pub.flush(20)
+        for i in range(30):
+            sub.wait_for(is_msg("test/events", str(i).encode()), timeout=15)
+        # availability and the latest retained state are back after the restart
+        assert pub.connects >= 2
+        sub.wait_for(is_msg("test/state", b"during"), timeout=10)
+        fresh = subscriber_factory(broker.port, ["test/state", AVAIL])
+        fresh.wait_for(is_msg("test/state", b"during", retained=True))
+        fresh.wait_for(is_msg(AVAIL, b"online", retained=True))
+    finally:
+        pub.close()
+        broker.stop()
+
+
+def test_full_outage_queue_drops_and_counts(broker):
+    broker.stop()
+    pub = make_publisher(broker.port, qos=1, queue_size=5)
+    pub.start()
+    try:
+        for i in range(12):
+            pub.publish(Message("test/events", str(i)))
+        assert pub.dropped == 7
+        assert pub.pending() == 5
+    finally:
+        pub.close()
+
+
+def test_flush_reports_undelivered_messages_when_no_broker(broker):
+    broker.stop()
+    pub = make_publisher(broker.port, qos=1)
+    pub.start()
+    pub.publish(Message("test/events", "x"))
+    try:
+        assert pub.flush(0.5) is False
+        assert pub.pending() == 1
+    finally:
+        pub.close()
+
+
+def test_subscription_handler_gets_home_assistant_birth(broker, subscriber_factory):
+    got = []
+    settings = BrokerSettings(host="127.0.0.1", port=broker.port, client_id="agent-birth", availability_topic=AVAIL)
+    pub = MqttPublisher(settings, subscriptions={"homeassistant/status": lambda t, p: got.append(p)})
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        other = subscriber_factory(broker.port, "nothing")
+        import time
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            other.client.publish("homeassistant/status", "online", qos=1)
+            time.sleep(0.2)
+        assert got and got[0] == b"online"
+    finally:
+        pub.close()
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_every_qos_delivers(broker, subscriber_factory, qos):
+    sub = subscriber_factory(broker.port, "test/q")
+    pub = make_publisher(broker.port, qos=qos)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        pub.publish(Message("test/q", "hello", qos=qos))
+        assert pub.flush(5)
+        sub.wait_for(is_msg("test/q", b"hello"))
+    finally:
+        pub.close()
