@@ -78,6 +78,7 @@ class MqttPublisher:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._connected = False
+        self._resent = False  # the connect-time re-sends have been handed to paho
         self._closing = False
         self._backlog: collections.deque[Message] = collections.deque()
         self._retained: dict[str, Message] = {}
@@ -146,6 +147,7 @@ class MqttPublisher:
         for message in retained + backlog:
             self._send(message)
         with self._lock:
+            self._resent = self._connected
             self._idle.notify_all()
 
     def _handle_connect_fail(self, client, userdata) -> None:
@@ -161,6 +163,7 @@ class MqttPublisher:
         with self._lock:
             was_connected = self._connected
             self._connected = False
+            self._resent = False
             self._idle.notify_all()
         if was_connected and not self._closing:
             logger.warning("lost the broker connection (%s); reconnecting", reason_code)
@@ -261,9 +264,11 @@ class MqttPublisher:
         return True
 
     def wait_connected(self, timeout: float) -> bool:
+        """Wait for a CONNACK and for availability, retained state and the backlog to be handed
+        to paho, so a `flush` after it covers them."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while not self._connected:
+            while not self._resent:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

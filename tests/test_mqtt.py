@@ -29,7 +29,7 @@ def is_msg(topic, payload=None, retained=None):
 def test_connect_publishes_retained_online_and_close_publishes_offline(broker, subscriber_factory):
     pub = make_publisher(broker.port)
     pub.start()
-    assert pub.wait_connected(10)
+    assert pub.wait_connected(10) and pub.flush(10)  # the broker holds `online` before anyone subscribes
     late = subscriber_factory(broker.port, AVAIL)  # subscribes after: sees the retained value
     late.wait_for(is_msg(AVAIL, b"online", retained=True))
     pub.close()
