@@ -16,14 +16,21 @@ import numpy as np
 from agent.errors import ModelError
 
 
-def build_blog_model():
-    """Conv64 5x5, MaxPool 5/2, Conv64 3x3 x2, AvgPool 3/2, Conv128 3x3 x2, AvgPool 3/2,
-    Dense 1024 x2 with dropout 0.2, softmax 7."""
+def require_tensorflow():
+    """The tensorflow module, or a one-line error saying how to get it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import tensorflow as tf
     except ImportError:
-        raise ModelError("the classic reference needs TensorFlow: pip install '.[convert]'") from None
+        raise ModelError("the classic reference needs TensorFlow: pip install '.[convert]' "
+                         "(or pass --no-classic)") from None
+    return tf
+
+
+def build_blog_model():
+    """Conv64 5x5, MaxPool 5/2, Conv64 3x3 x2, AvgPool 3/2, Conv128 3x3 x2, AvgPool 3/2,
+    Dense 1024 x2 with dropout 0.2, softmax 7."""
+    tf = require_tensorflow()
     layers = tf.keras.layers
     model = tf.keras.Sequential([
         layers.Input((48, 48, 1)),

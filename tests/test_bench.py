@@ -71,3 +71,48 @@ def test_progress_logs_plain_lines_elsewhere(caplog):
     assert stream.getvalue() == ""  # no carriage-return bar in a log
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) >= 4 and lines[-1] == lines[-1].strip() and "finished 4/4" in lines[-1]
+
+
+def test_bench_without_tensorflow_says_so_before_measuring(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # `import tensorflow` now raises ImportError
+    video = still_video(tmp_path / "clip.avi", seconds=1)
+    assert main(["bench", str(video)]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs TensorFlow" in err and "--no-classic" in err
+
+
+def test_bench_rounds_report_each_pipelines_fastest_round(tmp_path, capsys):
+    video = still_video(tmp_path / "clip.avi", seconds=1)
+    assert main(["bench", str(video), "--no-classic", "--rounds", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rounds"] == 2
+    assert len(report["fps_by_round"]["agent"]) == len(report["fps_by_round"]["decode_only"]) == 2
+    assert report["agent"]["fps"] == max(report["fps_by_round"]["agent"])
+    assert report["decode_only"]["fps"] == max(report["fps_by_round"]["decode_only"])
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--max-frames"])
+def test_bench_counts_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "clip.avi", flag, "0"])
+    assert exit_.value.code == 2
+    assert "expected a whole number of at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_classic_reference_is_the_blogs_published_architecture():
+    pytest.importorskip("tensorflow")
+    from agent.classic import build_blog_model
+
+    model = build_blog_model()
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Conv2D", "MaxPooling2D", "Conv2D", "Conv2D", "AveragePooling2D", "Conv2D", "Conv2D",
+                     "AveragePooling2D", "Flatten", "Dense", "Dropout", "Dense", "Dropout", "Dense"]
+    convs = [(layer.filters, layer.kernel_size) for layer in model.layers if kinds[model.layers.index(layer)] == "Conv2D"]
+    assert convs == [(64, (5, 5)), (64, (3, 3)), (64, (3, 3)), (128, (3, 3)), (128, (3, 3))]
+    pools = [(layer.pool_size, layer.strides) for layer in model.layers if "Pooling" in type(layer).__name__]
+    assert pools == [((5, 5), (2, 2)), ((3, 3), (2, 2)), ((3, 3), (2, 2))]
+    assert [layer.units for layer in model.layers if type(layer).__name__ == "Dense"] == [1024, 1024, 7]
+    assert [layer.rate for layer in model.layers if type(layer).__name__ == "Dropout"] == [0.2, 0.2]
+    assert model.count_params() == 1_485_831
