@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import sys
 from typing import Sequence
 
@@ -48,10 +50,40 @@ def draw_overlay(image: np.ndarray, faces: Sequence[TrackedFace], fps: float) ->
     return canvas
 
 
-def _has_display() -> bool:
-    if sys.platform.startswith("linux"):
-        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    return True
+def x_display_problem(display: str | None) -> str | None:
+    """Why the X display named by `display` (DISPLAY's value) cannot be used, or None if it can.
+
+    Checked by connecting to its socket before OpenCV tries: OpenCV's Qt aborts the whole process
+    (SIGABRT, no exception) when the display it is given cannot be reached."""
+    if not display:
+        return "none found (DISPLAY is not set)"
+    match = re.fullmatch(r"(?P<host>[^:]*):(?P<number>\d+)(\.\d+)?", display)
+    if not match:
+        return f"DISPLAY={display!r} is not a display name such as :0"
+    host, number = match["host"], int(match["number"])
+    try:
+        if host in ("", "unix") and sys.platform.startswith("linux"):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(2)
+                try:  # the abstract socket first, as Xlib does; then the file
+                    sock.connect(f"\0/tmp/.X11-unix/X{number}")
+                except OSError:
+                    sock.connect(f"/tmp/.X11-unix/X{number}")
+        else:
+            socket.create_connection((host or "localhost", 6000 + number), timeout=2).close()
+    except OSError as exc:
+        return f"cannot reach DISPLAY={display} ({exc.strerror or exc})"
+    return None
+
+
+def _display_problem() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    display = os.environ.get("DISPLAY")
+    if not display and os.environ.get("WAYLAND_DISPLAY"):
+        # opencv-python's Qt speaks X11 only; a Wayland desktop offers it through XWayland.
+        return "opencv-python's window needs X11: DISPLAY is not set (enable XWayland)"
+    return x_display_problem(display)
 
 
 class Preview:
@@ -59,9 +91,10 @@ class Preview:
     or closed the window."""
 
     def __init__(self) -> None:
-        if not _has_display():
-            raise PreviewError("--show needs a display: none found (DISPLAY is not set); run without --show "
-                               "or under a desktop session")
+        problem = _display_problem()
+        if problem:
+            raise PreviewError(f"--show needs a display: {problem}; run without --show or under a desktop "
+                               "session")
         try:
             cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
         except cv2.error as exc:

@@ -139,14 +139,6 @@ def test_bad_command_line_is_one_line_and_non_zero(tmp_path, smiling_photo, make
     assert "Traceback" not in done.stderr
 
 
-def test_show_without_a_display_is_one_clear_line(broker, smiling_photo):
-    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    done = run_agent(broker.port, smiling_photo, "--show", env=env)
-    assert done.returncode == 6
-    assert "needs a display" in done.stderr and "Traceback" not in done.stderr
-    assert done.stderr.strip().count("\n") == 0
-
-
 @pytest.fixture
 def xvfb():
     if not shutil.which("Xvfb") or not shutil.which("xdotool"):
@@ -204,3 +196,26 @@ def test_real_video_runs_to_completion_with_events_and_summaries(broker, subscri
     summaries = [json.loads(p) for t, p, _ in sub.all if t == f"{PREFIX}/summary"]
     assert len(summaries) >= 5  # 11 s of video, one every 2 s, and a final one
     assert sum(s["window"]["frames"] for s in summaries) == 275
+
+
+@pytest.mark.parametrize("display, message", [
+    (None, "DISPLAY is not set"),
+    (":77", "cannot reach DISPLAY=:77"),           # set, but no X server there: Qt would abort
+    ("localhost:78", "cannot reach DISPLAY=localhost:78"),
+    ("garbage", "is not a display name"),
+])
+def test_show_on_an_unusable_display_is_one_clear_line(broker, smiling_photo, display, message):
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    if display:
+        env["DISPLAY"] = display
+    done = run_agent(broker.port, smiling_photo, "--show", env=env)
+    assert done.returncode == 6, done.stderr
+    assert "needs a display" in done.stderr and message in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+def test_the_display_check_accepts_a_live_x_server(xvfb):
+    from agent.preview import x_display_problem
+
+    assert x_display_problem(xvfb) is None
+    assert "cannot reach" in x_display_problem(":" + str(int(xvfb[1:]) + 1))
