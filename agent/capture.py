@@ -9,6 +9,7 @@ end of file.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,6 +23,13 @@ from agent.errors import SourceError
 from agent.types import Frame
 
 logger = logging.getLogger(__name__)
+
+if "OPENCV_LOG_LEVEL" not in os.environ:
+    # OpenCV and its FFmpeg print several lines for every failed open (an unplugged camera is
+    # retried forever) and for damaged files; the agent reports these in one line of its own.
+    # Setting OPENCV_LOG_LEVEL (e.g. =INFO) brings them back for debugging.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when FFmpeg first opens
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
@@ -131,6 +139,7 @@ class VideoFileSource:
 
     def _decode(self) -> None:
         index = 0
+        expected = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         try:
             while not self._stop.is_set():
                 ok, image = self._cap.read()
@@ -139,6 +148,9 @@ class VideoFileSource:
                         self._cap.release()
                         self._cap = self._open()
                         continue
+                    if expected and index < expected * 0.98:  # container counts are often off by a frame or two
+                        logger.warning("video %s ended after %d of its %d frames: truncated or damaged?",
+                                       self._path, index, expected)
                     break
                 timestamp = index / self.fps
                 index += 1
@@ -307,7 +319,9 @@ def classify_source(source: str) -> tuple[str, int | str]:
     path = Path(text).expanduser()
     if text.startswith("/dev/"):
         if not path.exists():
-            raise SourceError(f"camera device not found: {text}")
+            # Like a camera index, a device path is waited for: a USB camera may be unplugged at
+            # start, or enumerate after the service.
+            logger.warning("camera device %s is not present (yet): waiting for it", text)
         return "camera", str(path)
     if not path.exists():
         raise SourceError(f"source not found: {text} (expected a camera index, an image or video file, "
@@ -319,7 +333,8 @@ def classify_source(source: str) -> tuple[str, int | str]:
             pass
     except PermissionError:
         raise SourceError(f"source not readable (permission denied): {text}") from None
-    kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
+    # By content, not by name: a photo saved without its suffix, or as .gif, is still one image.
+    kind = "image" if cv2.haveImageReader(str(path)) or path.suffix.lower() in IMAGE_SUFFIXES else "video"
     return kind, str(path)
 
 

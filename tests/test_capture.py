@@ -98,11 +98,47 @@ def test_file_source_kinds(tmp_path, smiling_photo):
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: str(tmp / "missing.mp4"), "source not found"),
     (lambda tmp: str(tmp), "source is a directory"),
-    (lambda tmp: "/dev/video99", "camera device not found: /dev/video99"),
 ])
 def test_unusable_source_is_one_line(tmp_path, make, message):
     with pytest.raises(SourceError, match=message):
         make_source(make(tmp_path))
+
+
+def test_a_missing_camera_device_is_waited_for_like_an_unplugged_camera(caplog):
+    source = make_source("/dev/video99", None)
+    try:
+        assert source.live and source.read(timeout=0.3) is None
+        assert source.status() in ("starting", "reconnecting")
+    finally:
+        source.close()
+    assert "camera device /dev/video99 is not present (yet)" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["photo", "photo.mp4", "photo.gif"])
+def test_a_photo_is_an_image_whatever_its_name(tmp_path, smiling_photo, name):
+    import shutil
+
+    renamed = tmp_path / name
+    if name.endswith(".gif"):
+        pil = pytest.importorskip("PIL.Image")
+        pil.open(smiling_photo).save(renamed)
+    else:
+        shutil.copy(smiling_photo, renamed)
+    assert classify_source(str(renamed)) == ("image", str(renamed))
+
+
+def test_a_truncated_video_says_so_and_yields_what_it_has(tmp_path, caplog):
+    clip = write_video(tmp_path / "clip.avi", frames=100)
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    source = VideoFileSource(str(cut))
+    frames = 0
+    while source.read() is not None:
+        frames += 1
+    source.close()
+    assert 10 < frames < 100
+    assert f"ended after {frames} of its 100 frames" in caplog.text
 
 
 def test_corrupt_video_file_is_a_clear_error(tmp_path):

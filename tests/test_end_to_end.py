@@ -109,7 +109,6 @@ BAD_COMMAND_LINES = [
     (lambda tmp: ["--source", str(tmp)], "source is a directory"),
     (lambda tmp: ["--source", _file(tmp, "broken.jpg", b"not a jpeg")], "cannot read image"),
     (lambda tmp: ["--source", _file(tmp, "broken.mp4", b"\0" * 4096)], "cannot open video"),
-    (lambda tmp: ["--source", "/dev/video99"], "camera device not found: /dev/video99"),
     (lambda tmp: ["--mqtt-port", "99999"], "expected a port number 1..65535"),
     (lambda tmp: ["--mqtt-port", "abc"], "expected a port number 1..65535"),
     (lambda tmp: ["--mqtt-host", "mqtt://x"], "mqtt.host: expected a host name or IP address"),
