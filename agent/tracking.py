@@ -124,20 +124,31 @@ class BoxTracker:
         self.velocity_window_s = velocity_window_s
         self._tracks: dict[int, _Track] = {}
         self._next_id = 1
+        self._last_update: float | None = None
 
     @property
     def open_ids(self) -> tuple[int, ...]:
         return tuple(self._tracks)
 
     def update(self, now: float, boxes: Sequence[Box]) -> TrackingStep:
-        lost = tuple(t.track_id for t in self._tracks.values() if now - t.last_seen > self.max_gap_s)
+        # A track unseen for longer than the gap is lost if a frame came and went without it. One
+        # seen in the previous frame is not: at a frame rate slower than the gap (camera.max_fps: 1,
+        # a snapshot URL) it gets this frame to be matched in, and is lost only if it misses it.
+        previous = self._last_update
+        overdue = [t for t in self._tracks.values() if now - t.last_seen > self.max_gap_s]
+        lost = [t.track_id for t in overdue if previous is None or t.last_seen < previous]
         for track_id in lost:
             del self._tracks[track_id]
+        self._last_update = now
         tracks = list(self._tracks.values())
         ids: list[int | None] = [None] * len(boxes)
         for ti, bi in self._match(now, tracks, boxes):
             ids[bi] = tracks[ti].track_id
             self._observe(tracks[ti], now, boxes[bi])
+        for track in overdue:
+            if track.track_id in self._tracks and track.last_seen < now:
+                del self._tracks[track.track_id]
+                lost.append(track.track_id)
         new = []
         for bi, box in enumerate(boxes):
             if ids[bi] is None:
@@ -148,7 +159,7 @@ class BoxTracker:
                 new.append(track.track_id)
         seen = set(ids)
         coasting = tuple(t for t in self._tracks if t not in seen)
-        return TrackingStep(ids=tuple(ids), new=tuple(new), coasting=coasting, lost=lost)
+        return TrackingStep(ids=tuple(ids), new=tuple(new), coasting=coasting, lost=tuple(lost))
 
     def close(self) -> tuple[int, ...]:
         """Drops every open track; returns their ids."""

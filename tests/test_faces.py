@@ -73,6 +73,7 @@ def test_face_missing_for_longer_than_the_gap_is_lost_then_appears_with_a_new_id
 def test_loss_and_new_face_in_one_frame_come_in_that_order():
     tracker = FaceStateTracker(max_gap_s=1.0)
     tracker.update(0.0, [obs(200, 200, probs("happy"))])
+    tracker.update(0.5, [])
     events = tracker.update(1.5, [obs(200, 200, probs("happy"))])[1]
     assert [type(e) for e in events] == [FaceLost, FaceAppeared]
 

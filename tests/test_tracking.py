@@ -90,9 +90,20 @@ def test_face_missing_for_less_than_the_gap_keeps_its_id():
 def test_face_missing_for_longer_than_the_gap_is_lost_and_comes_back_with_a_new_id():
     tracker = BoxTracker(max_gap_s=1.0)
     tracker.update(0.0, [face(100, 100)])
+    assert tracker.update(0.6, []).coasting == (1,)
     step = tracker.update(1.2, [face(100, 100)])
     assert step.lost == (1,)
     assert step.ids == (2,) and step.new == (2,)
+
+
+@pytest.mark.parametrize("interval", [1.0, 1.3, 5.0])
+def test_at_a_frame_rate_slower_than_the_gap_a_face_seen_in_every_frame_keeps_its_id(interval):
+    tracker = BoxTracker(max_gap_s=1.0)
+    for k in range(6):
+        step = tracker.update(k * interval, [face(100 + k, 100)])
+        assert step.ids == (1,) and step.lost == ()
+    step = tracker.update(5 * interval + 1.1, [])  # then it leaves: lost at the first frame past the gap
+    assert step.lost == (1,) and tracker.open_ids == ()
 
 
 def test_track_is_lost_on_the_first_frame_past_the_gap_even_without_detections():
@@ -138,6 +149,7 @@ def test_ids_are_never_reused():
     seen = []
     for k in range(4):
         seen += tracker.update(k * 1.0, [face(100, 100)]).ids
+        tracker.update(k * 1.0 + 0.4, [])  # a frame without it: past the gap it is lost
     assert seen == [1, 2, 3, 4]
 
 
