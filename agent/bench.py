@@ -20,6 +20,7 @@ from pathlib import Path
 
 import cv2
 
+from agent.argtypes import positive_int
 from agent.capture import VideoFileSource
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
@@ -128,6 +129,7 @@ def bench_agent(video: str, config_path: str | None, max_frames: int | None) -> 
 _STARTUP_SCRIPT = """
 import sys, time
 from agent.bench import _FirstFrame
+from agent.argtypes import positive_int
 from agent.capture import VideoFileSource
 from agent.config import load_config
 from agent.mqtt import MemoryPublisher
@@ -263,13 +265,9 @@ def format_report(r: BenchResult) -> str:
 
 
 def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]:
-    try:
-        import matplotlib
+    from agent.eval_emotion import require_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise AgentError("--plot needs matplotlib: pip install '.[plot]'") from None
+    plt = require_pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     name = name or Path(r.video).stem
     out = []
@@ -319,22 +317,12 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
-    return value
-
-
 def register(sub) -> None:
     p = sub.add_parser("bench", help="measure speed on a video, beside decode-only and the classic pipeline")
     p.add_argument("video", metavar="VIDEO")
     p.add_argument("--config", metavar="FILE", help="agent config to measure (default: built-in defaults)")
-    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
-    p.add_argument("--rounds", type=_positive_int, default=3, metavar="N",
+    p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--rounds", type=positive_int, default=3, metavar="N",
                    help="run the pipelines in turn N times and report each one's fastest round (default 3)")
     p.add_argument("--no-classic", action="store_true", help="skip the classic reference (it needs TensorFlow)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-only reference")

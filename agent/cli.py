@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from agent import __version__
+from agent.argtypes import port, seconds
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
 
@@ -28,16 +29,6 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("agent.paho").setLevel(logging.WARNING)
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emotion-agent", description="Facial-expression events from a camera, published to MQTT.")
@@ -49,12 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--source", help="camera index (0), video file, image file, or rtsp:// / http(s):// URL")
     run.add_argument("--show", action="store_true", help="open a preview window (q or Esc quits)")
     run.add_argument("--mqtt-host", help="broker host (overrides mqtt.host)")
-    run.add_argument("--mqtt-port", type=_port, help="broker port (overrides mqtt.port)")
+    run.add_argument("--mqtt-port", type=port, help="broker port (overrides mqtt.port)")
     run.add_argument("--topic-prefix", help="root of every topic (overrides mqtt.topic_prefix)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides log_level")
     run.add_argument("--realtime", action="store_true", help="pace a video file at its own frame rate")
     run.add_argument("--loop", action="store_true", help="start a video file over at its end (soak tests)")
-    run.add_argument("--flush-timeout", type=float, default=FLUSH_TIMEOUT_S, metavar="SECONDS",
+    run.add_argument("--flush-timeout", type=seconds, default=FLUSH_TIMEOUT_S, metavar="SECONDS",
                      help="at the end, wait this long for the broker to take every message (default %(default)s)")
 
     check = sub.add_parser("check-config", help="validate a config file and exit")

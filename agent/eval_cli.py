@@ -8,12 +8,19 @@ import json
 import logging
 from pathlib import Path
 
+from agent.argtypes import positive_int
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
 
 
 def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.plot and (args.faces or args.margins):  # before the run, not after it
+        raise AgentError("--plot draws the emotion confusion matrix; it does not apply with --faces or --margins")
+    if args.plot:
+        from agent.eval_emotion import require_pyplot
+
+        require_pyplot()
     cfg = load_config(args.config)
     target = Path(args.target)
     if not target.exists():
@@ -43,8 +50,6 @@ def _cmd(args: argparse.Namespace) -> int:
         result = evaluate_folder(target, make_classifier_from(cfg), limit=args.limit)
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_report(result))
     if args.plot:
-        if args.faces or args.margins:
-            raise AgentError("--plot draws the emotion confusion matrix; it does not apply with --faces or --margins")
         from agent.eval_emotion import plot_confusion
 
         plot_confusion(result, Path(args.plot))
@@ -70,7 +75,7 @@ def register(sub) -> None:
                    help="detect each face, then classify crops at these margins (how the default was chosen); "
                         "write --margins=-0.1,0,0.1 when the first is negative")
     p.add_argument("--config", metavar="FILE", help="agent config whose models are measured")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N images per class")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="at most N images per class")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
     p.set_defaults(handler=_cmd)

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from agent.classify import CroppedFaceClassifier
-from agent.errors import SourceError
+from agent.errors import AgentError, SourceError
 from agent.types import EMOTION_LABELS
 
 logger = logging.getLogger(__name__)
@@ -149,12 +149,21 @@ def format_report(result: EmotionEvalResult) -> str:
     return "\n".join(lines)
 
 
+def require_pyplot():
+    """matplotlib's pyplot drawing to files, or a one-line error saying how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed on a headless device
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AgentError("--plot needs matplotlib: pip install '.[plot]'") from None
+    return plt
+
+
 def plot_confusion(result: EmotionEvalResult, path: Path) -> Path:
     """The row-normalised confusion matrix as an image (needs matplotlib, imported only here)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed on a headless device
-    import matplotlib.pyplot as plt
+    plt = require_pyplot()
 
     counts = np.asarray(result.confusion, dtype=np.float64)
     rows = counts.sum(axis=1, keepdims=True)
@@ -173,6 +182,7 @@ def plot_confusion(result: EmotionEvalResult, path: Path) -> Path:
     fig.colorbar(image, ax=ax, label="share of the true class")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

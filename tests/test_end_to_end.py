@@ -111,6 +111,8 @@ BAD_COMMAND_LINES = [
     (lambda tmp: ["--source", _file(tmp, "broken.mp4", b"\0" * 4096)], "cannot open video"),
     (lambda tmp: ["--mqtt-port", "99999"], "expected a port number 1..65535"),
     (lambda tmp: ["--mqtt-port", "abc"], "expected a port number 1..65535"),
+    (lambda tmp: ["--flush-timeout", "-1"], "expected a number of seconds, 0 or more"),
+    (lambda tmp: ["--flush-timeout", "nan"], "expected a number of seconds, 0 or more"),
     (lambda tmp: ["--mqtt-host", "mqtt://x"], "mqtt.host: expected a host name or IP address"),
     (lambda tmp: ["--mqtt-host", "a b"], "mqtt.host: expected a host name or IP address"),
     (lambda tmp: ["--topic-prefix", "a/#"], "mqtt.topic_prefix: expected topic levels without wildcards"),

@@ -35,11 +35,31 @@ def test_eval_margins_reports_each_margin(tiny_fer, capsys):
     (["eval", "{tmp}", "--margins", "a,b"], "--margins: expected numbers"),
     (["eval", "{tmp}"], "no class folders"),
     (["eval", "--faces", "{tmp}"], "no imglab .xml files"),
+    (["eval", "--faces", "/nonexistent", "--plot", "x.png"], "does not apply with --faces"),  # before any work
+    (["eval", "--limit", "0", "{tmp}"], "expected a whole number of at least 1, got 0"),
 ])
 def test_eval_bad_input_is_one_line(tmp_path, capsys, args, message):
-    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) != 0
+    try:
+        assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) != 0
+    except SystemExit as exit_:  # argparse's own one-line usage error
+        assert exit_.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_eval_plot_draws_into_a_new_folder(tiny_fer, tmp_path, capsys):
+    target = tmp_path / "new" / "folder" / "confusion.png"
+    assert main(["eval", str(tiny_fer), "--plot", str(target)]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_plot_without_matplotlib_is_one_line_before_any_work(tiny_fer, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["eval", str(tiny_fer), "--plot", "x.png"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "--plot needs matplotlib" in captured.err
 
 
 def test_margin_chosen_by_measurement_beats_a_loose_crop(shared_data, capsys):
