@@ -68,6 +68,18 @@ class BrokerSettings:
     reconnect_max_s: float = 60.0
 
 
+class _QuietRetries(logging.Filter):
+    """paho logs an ERROR on every retry while the broker is unreachable; the publisher already says
+    so in one warning (and again only when the reason changes), so these are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_logger = logging.getLogger("agent.paho")
+_paho_logger.addFilter(_QuietRetries())
+
+
 class MqttPublisher:
     """Publishes `Message`s through paho's network thread; see the module docstring."""
 
@@ -94,7 +106,7 @@ class MqttPublisher:
     def _make_client(self) -> paho.Client:
         s = self._s
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
-        client.enable_logger(logging.getLogger("agent.paho"))
+        client.enable_logger(_paho_logger)
         client.will_set(s.availability_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)),
                                    max_delay=max(1, round(s.reconnect_max_s)))

@@ -1,6 +1,7 @@
 """The MQTT publisher against a real mosquitto: availability, Last Will, outages, ordering."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -174,3 +175,16 @@ def test_every_qos_delivers(broker, subscriber_factory, qos):
         sub.wait_for(is_msg("test/q", b"hello"))
     finally:
         pub.close()
+
+
+def test_an_unreachable_broker_is_one_warning_not_an_error_per_retry(broker, caplog):
+    broker.stop()
+    pub = make_publisher(broker.port, qos=1)
+    with caplog.at_level(logging.INFO):
+        pub.start()
+        pub.publish(Message("test/events", "x"))
+        assert not pub.flush(3.5)  # three retries at 1 s
+        pub.close()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings if "cannot connect" in r.getMessage()][:1]
+    assert not [r for r in warnings if r.levelno >= logging.ERROR], [r.getMessage() for r in warnings]
