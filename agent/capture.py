@@ -318,10 +318,8 @@ def classify_source(source: str) -> tuple[str, int | str]:
         return "stream", text
     path = Path(text).expanduser()
     if text.startswith("/dev/"):
-        if not path.exists():
-            # Like a camera index, a device path is waited for: a USB camera may be unplugged at
-            # start, or enumerate after the service.
-            logger.warning("camera device %s is not present (yet): waiting for it", text)
+        # Like a camera index, a device path that is not there is waited for: a USB camera may be
+        # unplugged at start, or enumerate after the service.
         return "camera", str(path)
     if not path.exists():
         raise SourceError(f"source not found: {text} (expected a camera index, an image or video file, "
@@ -345,6 +343,8 @@ def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool 
         return ImageSource(str(target))
     if kind == "video":
         return VideoFileSource(str(target), realtime=realtime, loop=loop)
+    if isinstance(target, str) and kind == "camera" and not Path(target).exists():
+        logger.warning("camera device %s is not present (yet): waiting for it", target)
     options = {}
     if camera is not None:
         options = dict(width=camera.width, height=camera.height, fps=camera.fps,

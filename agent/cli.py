@@ -8,12 +8,13 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from agent import __version__
 from agent.argtypes import port, seconds
 from agent.config import Config, load_config
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, SourceError
 
 logger = logging.getLogger("agent")
 
@@ -69,8 +70,16 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.capture import classify_source  # OpenCV: only once the config itself is valid
+
     cfg = load_config(args.file)
-    print(f"{args.file}: OK (source {cfg.source}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+    try:
+        kind, target = classify_source(cfg.source)  # the checks `run` makes before opening it
+    except SourceError as exc:
+        raise ConfigError(f"{args.file}: source: {exc}") from None
+    waiting = " (not present now: run waits for it)" if kind == "camera" and isinstance(target, str) \
+        and not Path(target).exists() else ""
+    print(f"{args.file}: OK (source {cfg.source}: {kind}{waiting}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
           f"detector {cfg.detector.kind})")
     return 0
 

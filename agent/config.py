@@ -113,7 +113,8 @@ class DiscoveryConfig:
 class MqttConfig:
     host: str = setting("127.0.0.1", "Broker host name or address.")
     port: int = setting(1883, "Broker port (8883 is usual for TLS).", min=1, max=65535)
-    client_id: str | None = setting(None, "MQTT client id (null: emotion-agent-<hostname>).")
+    client_id: str | None = setting(None, "MQTT client id (null: emotion-agent-<hostname>, followed by the topic root "
+                                                "when topic_prefix is not the default).")
     topic_prefix: str = setting("emotion-agent/{hostname}", "Root of every topic; {hostname} is replaced.")
     qos: int = setting(1, "QoS of events and state (0, 1 or 2).", min=0, max=2)
     keepalive_s: int = setting(30, "Keep-alive interval; the broker sends the Last Will after 1.5x this.",
@@ -122,8 +123,8 @@ class MqttConfig:
     password_file: str | None = setting(
         None, "File holding the password (or set " + PASSWORD_ENV + ", or systemd credential mqtt_password).")
     tls: TlsConfig = section(TlsConfig, "TLS settings.")
-    queue_size: int = setting(1000, "Messages kept while the broker is unreachable; older ones are dropped "
-                                    "and counted.", min=1)
+    queue_size: int = setting(1000, "Messages kept while the broker is unreachable; beyond it the newest are "
+                                    "dropped and counted.", min=1)
     reconnect_min_s: float = setting(1.0, "First wait before reconnecting.", min=0.1)
     reconnect_max_s: float = setting(60.0, "Longest wait between reconnects.", min=1)
     summary_interval_s: float = setting(60.0, "Period of the summary message.", min=1)
@@ -162,6 +163,7 @@ class _Lines:
     def __init__(self, text: str | None, origin: str):
         self.origin = origin
         self.lines: dict[str, int] = {}
+        self.duplicates: list[tuple[str, int, int]] = []  # (path, line, line of the first one)
         if text:
             try:
                 self._walk(yaml.compose(text), "")
@@ -172,6 +174,9 @@ class _Lines:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 path = f"{prefix}.{key.value}" if prefix else str(key.value)
+                if path in self.lines:
+                    self.duplicates.append((path, key.start_mark.line + 1, self.lines[path]))
+                    continue
                 self.lines[path] = key.start_mark.line + 1
                 self._walk(value, path)
 
@@ -333,6 +338,10 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         if value is not None:
             _set_path(data, dotted, value)
     lines = _Lines(text, origin)
+    if lines.duplicates:
+        # YAML would silently keep the last one: a typo'd copy of a section must not win unseen.
+        path, line, first = lines.duplicates[0]
+        raise ConfigError(f"{origin}:{line}: {path}: set twice (first on line {first}); keep one")
     cfg = _build(Config, data, "", lines)
     _check_rules(cfg, lines)
     return cfg
@@ -349,7 +358,17 @@ def topic_root(cfg: MqttConfig) -> str:
 
 
 def client_id(cfg: MqttConfig) -> str:
-    return cfg.client_id or f"emotion-agent-{hostname()}"
+    """The configured id, or emotion-agent-<hostname>, plus the topic root when it is not the default:
+    two agents on one host, told apart by their topic prefixes, must not share an id (the broker
+    would keep disconnecting one of them) nor, since the discovery node id comes from it, Home
+    Assistant entities."""
+    if cfg.client_id:
+        return cfg.client_id
+    base = f"emotion-agent-{hostname()}"
+    root = topic_root(cfg)
+    if root == f"emotion-agent/{hostname()}":
+        return base
+    return f"{base}-{re.sub(r'[^A-Za-z0-9_-]', '_', root.replace('/', '-'))}"
 
 
 def read_password(cfg: MqttConfig) -> str | None:

@@ -16,6 +16,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests import sample_photos
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -165,13 +167,13 @@ def shared_data() -> Path:
 
 def astronaut_bgr() -> np.ndarray:
     """scikit-image's astronaut photo (Eileen Collins, smiling), as OpenCV's BGR."""
-    skdata = pytest.importorskip("skimage.data")
-    return np.ascontiguousarray(skdata.astronaut()[:, :, ::-1])
+    pytest.importorskip("skimage.data")
+    return sample_photos.astronaut_bgr()
 
 
 def grace_hopper_path() -> Path:
-    cbook = pytest.importorskip("matplotlib.cbook")
-    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    pytest.importorskip("matplotlib.cbook")
+    return sample_photos.grace_hopper_path()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import Config, iter_settings, load_config, read_password, topic_root
+from agent.config import Config, client_id, hostname, iter_settings, load_config, read_password, topic_root
 from agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,8 @@ BAD_CONFIGS = [
     ("- a\n- b\n", "expected a mapping of settings at the top level, got list"),
     ("mqtt:\n  port: [1\n", "invalid YAML"),
     ("camera:\n  retry_initial_s: 10\n  retry_max_s: 1\n", "camera.retry_max_s: must be at least"),
+    ("mqtt:\n  port: 1883\n  port: 1884\n", "config.yaml:3: mqtt.port: set twice (first on line 2)"),
+    ("mqtt:\n  host: a\nsource: 0\nmqtt:\n  port: 1\n", "config.yaml:4: mqtt: set twice (first on line 1)"),
 ]
 
 
@@ -112,6 +114,22 @@ def test_unusable_config_path_is_one_line(tmp_path, capsys, make_path, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("source, message", [
+    ("/nonexistent/clip.mp4", "source: source not found: /nonexistent/clip.mp4"),
+    ("{tmp}", "source: source is a directory, not a file"),
+])
+def test_check_config_checks_the_source_as_run_does(tmp_path, capsys, source, message):
+    path = write(tmp_path, f"source: {source.format(tmp=tmp_path)}\n")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_check_config_says_a_missing_camera_device_is_waited_for(tmp_path, capsys):
+    assert main(["check-config", str(write(tmp_path, "source: /dev/video97\n"))]) == 0
+    assert "camera (not present now: run waits for it)" in capsys.readouterr().out
+
+
 def test_check_config_accepts_the_shipped_file(capsys):
     assert main(["check-config", str(ROOT / "config.yaml")]) == 0
     assert "OK" in capsys.readouterr().out
@@ -124,3 +142,13 @@ def test_smoothing_defaults_are_the_measured_ones():
     cfg = Config().smoothing
     assert (cfg.window_s, cfg.change_margin, cfg.dwell_s, cfg.confidence_gate) == (
         measured.window_s, measured.change_margin, measured.dwell_s, measured.confidence_gate)
+
+
+def test_two_agents_on_one_host_with_different_topic_roots_get_different_client_ids(tmp_path):
+    host = hostname()
+    default = load_config(None).mqtt
+    door = load_config(None, {"mqtt.topic_prefix": "door/cam"}).mqtt
+    named = load_config(None, {"mqtt.topic_prefix": "door/cam", "mqtt.client_id": "mine"}).mqtt
+    assert client_id(default) == f"emotion-agent-{host}"
+    assert client_id(door) == f"emotion-agent-{host}-door-cam"
+    assert client_id(named) == "mine"

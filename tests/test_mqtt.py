@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from agent.mqtt import BrokerSettings, Message, MqttPublisher
-from tests.conftest import Broker
+from tests.conftest import Broker, Subscriber, free_port
 
 AVAIL = "test/agent/availability"
 
@@ -120,17 +120,34 @@ def test_broker_restart_loses_no_event_and_republishes_retained_state(tmp_path, 
         broker.stop()
 
 
-def test_full_outage_queue_drops_and_counts(broker):
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_full_outage_queue_delivers_the_oldest_in_order_and_counts_the_newest_dropped(tmp_path, qos):
+    port = free_port()
+    broker = Broker(tmp_path, persistent=True, port=port, extra_config=(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nqueue_qos0_messages true\n"))
+    broker.start()
+    # A persistent subscriber, away during the delivery: the broker keeps what it missed.
+    away = Subscriber(broker.port, "test/events", client_id="away", clean_session=False).start()
+    away.stop()
     broker.stop()
-    pub = make_publisher(broker.port, qos=1, queue_size=5)
+    pub = make_publisher(broker.port, qos=qos, queue_size=5)
     pub.start()
     try:
         for i in range(12):
             pub.publish(Message("test/events", str(i)))
         assert pub.dropped == 7
         assert pub.pending() == 5
+        broker.start()
+        assert pub.flush(15)
+        back = Subscriber(broker.port, "test/events", client_id="away", clean_session=False).start()
+        try:
+            back.wait_for(lambda item: item[1] == b"4")
+            assert [p for _, p, _ in back.all] == [b"0", b"1", b"2", b"3", b"4"]
+        finally:
+            back.stop()
     finally:
         pub.close()
+        broker.stop()
 
 
 def test_flush_reports_undelivered_messages_when_no_broker(broker):

@@ -13,6 +13,8 @@ from agent import payloads
 from agent.events import EmotionChanged, FaceAppeared, FaceLost, TrackedFace
 from agent.types import EMOTION_LABELS, UNCERTAIN, Box, EmotionScores
 
+import mqtt_doc_examples
+
 WALL = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -211,38 +213,23 @@ def doc_examples(marker: str) -> dict[str, object]:
     return {name: json.loads(body) for name, body in blocks}
 
 
-def shape(value):
-    """The structure of a JSON value: keys in order, value kinds, the shape of list items."""
-    if isinstance(value, dict):
-        return [(key, shape(item)) for key, item in value.items()]
-    if isinstance(value, list):
-        return ["list", *({json.dumps(shape(item)) for item in value})]
-    if value is None:
-        return "null"
-    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
-
-
-def real_payloads() -> dict[str, dict]:
-    window = payloads.SummaryWindow(started=0.0)
-    window.add_frame(0.0, [face(1, "neutral")], [EVENTS["face_appeared"]])
-    window.add_frame(1.0, [face(1, "happy")], [EVENTS["emotion_changed"]])
-    first = EmotionChanged(face(3, "neutral"), previous=None, previous_duration_s=0.4, at=0.4)
-    return {
-        "state": payloads.state_payload([face(1, "happy")], WALL),
-        "state_empty": payloads.state_payload([], WALL),
-        "summary": window.payload(2.0, [], WALL),
-        "face_appeared": payloads.event_payload(EVENTS["face_appeared"], WALL),
-        "emotion_changed_first": payloads.event_payload(first, WALL),
-        "emotion_changed": payloads.event_payload(EVENTS["emotion_changed"], WALL),
-        "face_lost": payloads.event_payload(EVENTS["face_lost"], WALL),
-    }
-
-
-def test_the_docs_show_every_payload_with_exactly_the_fields_the_code_produces():
+def test_the_docs_show_exactly_the_payloads_the_code_makes_for_their_scenario():
+    """Values and number types included: the docs' examples are the real tracker's output."""
     examples = doc_examples("example")
-    real = real_payloads()
-    assert set(real) <= set(examples)
-    for name, payload in real.items():
-        assert shape(examples[name]) == shape(payload), name
-        assert examples[name]["schema"] == payloads.SCHEMA_VERSION
-        assert ISO_UTC.fullmatch(examples[name]["timestamp"])
+    made = mqtt_doc_examples.scenario_payloads()
+    assert set(examples) == set(made) | mqtt_doc_examples.NOT_GENERATED
+    for name, payload in made.items():
+        assert json.dumps(examples[name]) == json.dumps(payload), (
+            f"docs/mqtt.md example {name!r} is stale: run python tests/mqtt_doc_examples.py --write")
+
+
+def test_the_doc_scenario_shows_a_face_appearing_settling_smiling_and_leaving():
+    made = mqtt_doc_examples.scenario_payloads()
+    assert made["face_appeared"]["emotion"] == UNCERTAIN
+    assert (made["emotion_changed_first"]["previous"], made["emotion_changed_first"]["emotion"]) == (None, "neutral")
+    assert (made["emotion_changed"]["previous"], made["emotion_changed"]["emotion"]) == ("neutral", "happy")
+    assert made["face_lost"]["last_emotion"] == "happy"
+    assert made["state_empty"]["faces_in_view"] == 0 and made["state"]["dominant_emotion"] == "happy"
+    for name, payload in made.items():
+        assert payload["schema"] == payloads.SCHEMA_VERSION
+        assert ISO_UTC.fullmatch(payload["timestamp"]), name
