@@ -114,6 +114,7 @@ class VideoFileSource:
         self._cap = self._open()
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps and 1 <= fps <= 240 else 25.0
+        self.frame_count: int | None = max(int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) or None  # as the container says
         self._start = time.monotonic()
         self._ended = False
         self._corrupt = 0

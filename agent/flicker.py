@@ -29,10 +29,12 @@ import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
+from agent.progress import Progress
 from agent.types import EMOTION_LABELS, UNCERTAIN, Box, Detection, EmotionScores, FaceObservation
 
 logger = logging.getLogger(__name__)
@@ -212,17 +214,21 @@ def observe_video(path: str, detector, classifier, *, detect_interval_s: float =
     source = VideoFileSource(path)
     observed: Observed = []
     detections, last_detect = [], -math.inf
+    total = min(source.frame_count or 0, max_frames or 10 ** 9) or None
+    progress = Progress(Path(path).name, total)
     try:
         while max_frames is None or len(observed) < max_frames:
             frame = source.read()
             if frame is None:
                 break
+            progress.update()
             if frame.timestamp - last_detect >= detect_interval_s - 1e-3:
                 detections, last_detect = detector.detect(frame.image), frame.timestamp
             scores = classifier.classify(frame.image, [d.box for d in detections]) if detections else []
             observed.append((frame.timestamp, [FaceObservation(d, s) for d, s in zip(detections, scores)]))
     finally:
         source.close()
+        progress.close()
     return observed, 1.0 / source.fps
 
 
@@ -261,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--horizon-s", type=float, default=3.0, help="longest delay that still counts as a hit")
     p.add_argument("--max-frames", type=int, metavar="N")
     args = p.parse_args(argv)
+    # INFO for agent.progress's periodic lines when stderr is not a terminal; the rest stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("agent.progress").setLevel(logging.INFO)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 
@@ -19,7 +20,7 @@ class Progress:
         self.log_every_s = log_every_s
         self.done = 0
         self._start = time.monotonic()
-        self._last_draw = 0.0
+        self._last_draw = -math.inf  # the first update always shows
 
     def update(self, n: int = 1) -> None:
         self.done += n
