@@ -13,7 +13,7 @@ from typing import Sequence
 
 from agent import __version__
 from agent.argtypes import port, seconds
-from agent.config import Config, load_config
+from agent.config import Config, load_config, read_password
 from agent.errors import AgentError, ConfigError, SourceError
 
 logger = logging.getLogger("agent")
@@ -90,8 +90,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg: Config = load_config(args.config, _overrides(args))
     _configure_logging(cfg.log_level)
     logger.debug("configuration: %s", cfg.redacted())
+    kept_publisher = None  # carried across a reload that leaves the connection as it was
+    previous_cfg: Config | None = None
     while True:
-        agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop)
+        try:
+            agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, publisher=kept_publisher)
+        except AgentError as exc:
+            if previous_cfg is None:
+                raise
+            # A reloaded config that validates can still fail to start (a source gone, a model the
+            # interpreter refuses): carry on with the one that ran.
+            logger.error("SIGHUP: cannot start with the new configuration, keeping the old one: %s", exc)
+            cfg, previous_cfg = previous_cfg, None  # with kept_publisher None, a new connection
+            continue
         reload_requested = False
         signalled = False
 
@@ -114,27 +125,40 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_stop)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, on_hup)
-        agent.publisher.start()
+        if kept_publisher is None:
+            agent.publisher.start()
         try:
             result = agent.run()
         finally:
             agent.source.close()
             if agent.preview is not None:
                 agent.preview.close()
-        # Asked to stop (or a live source): exit promptly, as systemd expects; a file run waits longer
-        # so that its exit status can promise every message was delivered.
-        prompt = signalled or reload_requested or agent.source.live
-        delivered = agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S) if prompt else args.flush_timeout)
-        undelivered = agent.publisher.pending()
-        agent.publisher.close(timeout=1.0 if not delivered else 5.0)
         if reload_requested:
             try:
-                cfg = load_config(args.config, _overrides(args))
-                _configure_logging(cfg.log_level)
+                new_cfg = load_config(args.config, _overrides(args))
+                _configure_logging(new_cfg.log_level)
                 logger.info("SIGHUP: configuration reloaded from %s", args.config)
             except ConfigError as exc:
                 logger.error("SIGHUP: new configuration rejected, keeping the old one: %s", exc)
+                new_cfg = cfg
+            if _same_connection(cfg, new_cfg, agent.publisher):
+                # The same broker, topics and queue: keep the connection and whatever waits in its
+                # queue, with no `offline` blip for subscribers.
+                kept_publisher = agent.publisher
+            else:
+                kept_publisher = None
+                if not agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S)):
+                    logger.warning("SIGHUP: the broker settings changed with %d message(s) undelivered to the "
+                                   "old broker; they are dropped", agent.publisher.pending())
+                agent.publisher.close(timeout=1.0)
+            cfg, previous_cfg = new_cfg, cfg
             continue
+        # Asked to stop (or a live source): exit promptly, as systemd expects; a file run waits longer
+        # so that its exit status can promise every message was delivered.
+        prompt = signalled or agent.source.live
+        delivered = agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S) if prompt else args.flush_timeout)
+        undelivered = agent.publisher.pending()
+        agent.publisher.close(timeout=1.0 if not delivered else 5.0)
         logger.info("processed %d frames, %d events", result.frames, result.events)
         if not delivered and signalled:
             logger.warning("stopping with %d message(s) the broker has not acknowledged", undelivered)
@@ -144,6 +168,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             why = f"failed: {refused}" if refused else f"unreachable for {args.flush_timeout:g} s"
             raise AgentError(f"{undelivered} message(s) not delivered: broker {cfg.mqtt.host}:{cfg.mqtt.port} {why}")
         return 0
+
+
+def _same_connection(old: Config, new: Config, publisher) -> bool:
+    """Whether a reload can keep the publisher: the same mqtt section and the same password."""
+    if new.mqtt != old.mqtt:
+        return False
+    try:
+        password = read_password(new.mqtt) if new.mqtt.username else None
+    except ConfigError:
+        return False
+    return password == getattr(getattr(publisher, "settings", None), "password", None)
 
 
 COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}

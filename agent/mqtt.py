@@ -103,6 +103,10 @@ class MqttPublisher:
 
     # --- setup -------------------------------------------------------------------------------
 
+
+    @property
+    def settings(self) -> BrokerSettings:
+        return self._s
     def _make_client(self) -> paho.Client:
         s = self._s
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)

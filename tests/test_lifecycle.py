@@ -56,6 +56,29 @@ def test_sigterm_publishes_final_summary_and_offline_then_exits_0_within_5_s(bro
     assert "Traceback" not in err
 
 
+def test_a_reload_that_keeps_the_broker_keeps_the_connection(broker, subscriber_factory, clip, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("smoothing:\n  dwell_s: 0.25\n")
+    sub = subscriber_factory(broker.port, "life/agent/#")
+    proc = start_agent(broker.port, clip, config=config)
+    try:
+        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+        config.write_text("smoothing:\n  dwell_s: 0.5\n")
+        proc.send_signal(signal.SIGHUP)
+        before = len(sub.all)
+        # The pipeline restarts (the face is found again under a new id) on the same connection.
+        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
+        code, _, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "configuration reloaded" in err
+    availability = [p for t, p, _ in sub.all if t == "life/agent/availability"]
+    assert availability == [b"online", b"offline"], "a reload on the same broker must not blink offline"
+    assert err.count("connected to broker") == 1
+
+
 def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("mqtt:\n  topic_prefix: first/agent\n")
