@@ -216,9 +216,9 @@ def run_bench(video: str, *, config_path: str | None = None, max_frames: int | N
         raise SourceError(f"video not found: {video}")
     VideoFileSource(video).close()  # one clear error for an unreadable file
     if classic:
-        from agent.classic import require_tensorflow
+        from agent.classic import check_tensorflow_installed
 
-        require_tensorflow()  # before minutes of measuring, not after
+        check_tensorflow_installed()  # before minutes of measuring, not after
     load_config(config_path, {"source": video})  # a bad config fails now, in one line
     runs: dict[str, list[PipelineFigures]] = {"agent": [], "decode_only": [], "classic": []}
     events, peak_rss = 0, 0.0

@@ -7,6 +7,7 @@ Needs TensorFlow (`pip install .[convert]`); imported here, never by the daemon.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -16,14 +17,23 @@ import numpy as np
 from agent.errors import ModelError
 
 
+_NO_TENSORFLOW = "the classic reference needs TensorFlow: pip install '.[convert]' (or pass --no-classic)"
+
+
+def check_tensorflow_installed() -> None:
+    """A one-line error now if TensorFlow is missing, without importing it: the import alone
+    takes hundreds of MiB, which would count in the agent's measured peak memory."""
+    if importlib.util.find_spec("tensorflow") is None:
+        raise ModelError(_NO_TENSORFLOW)
+
+
 def require_tensorflow():
     """The tensorflow module, or a one-line error saying how to get it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import tensorflow as tf
     except ImportError:
-        raise ModelError("the classic reference needs TensorFlow: pip install '.[convert]' "
-                         "(or pass --no-classic)") from None
+        raise ModelError(_NO_TENSORFLOW) from None
     return tf
 
 

@@ -3,6 +3,8 @@
 import io
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -116,3 +118,10 @@ def test_the_classic_reference_is_the_blogs_published_architecture():
     assert [layer.units for layer in model.layers if type(layer).__name__ == "Dense"] == [1024, 1024, 7]
     assert [layer.rate for layer in model.layers if type(layer).__name__ == "Dropout"] == [0.2, 0.2]
     assert model.count_params() == 1_485_831
+
+
+def test_the_up_front_tensorflow_check_does_not_load_it_into_the_measured_process():
+    pytest.importorskip("tensorflow")  # in this process only; the check runs in a fresh one
+    probe = ("import sys; from agent.classic import check_tensorflow_installed; check_tensorflow_installed(); "
+             "sys.exit('tensorflow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
