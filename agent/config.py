@@ -42,14 +42,19 @@ def section(cls: type, description: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class CameraConfig:
-    width: int | None = setting(None, "Requested capture width in pixels (null: the camera's default).", min=16)
-    height: int | None = setting(None, "Requested capture height in pixels (null: the camera's default).", min=16)
-    fps: float | None = setting(None, "Requested capture rate (null: the camera's default).", min=0, min_exclusive=True)
+    width: int | None = setting(None, "Requested capture width in pixels (null: the camera's default).", min=16,
+                                max=16384)
+    height: int | None = setting(None, "Requested capture height in pixels (null: the camera's default).", min=16,
+                                 max=16384)
+    fps: float | None = setting(None, "Requested capture rate (null: the camera's default).", min=0, min_exclusive=True,
+                                  max=1000)
     max_fps: float | None = setting(
         None, "Process at most this many frames a second (null: as fast as frames come); saves CPU on a Pi.",
-        min=0, min_exclusive=True)
-    retry_initial_s: float = setting(1.0, "First wait before reopening a failed camera or stream.", min=0.05)
-    retry_max_s: float = setting(30.0, "Longest wait between reopen attempts (the wait doubles up to this).", min=0.05)
+        min=0, min_exclusive=True, max=1000)
+    retry_initial_s: float = setting(1.0, "First wait before reopening a failed camera or stream.", min=0.05,
+                                    max=3600)
+    retry_max_s: float = setting(30.0, "Longest wait between reopen attempts (the wait doubles up to this).", min=0.05,
+                                max=3600)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +64,7 @@ class DetectorConfig:
     model: str | None = setting(None, "BlazeFace model file (null: the bundled face_detection_full_range.tflite).")
     score_threshold: float = setting(0.5, "Minimum face score to keep a detection (blazeface).", min=0, max=1)
     nms_iou: float = setting(0.3, "Overlap above which two detections are merged into one.", min=0, max=1)
-    min_face_size: int = setting(24, "Ignore faces smaller than this many pixels (width).", min=1)
+    min_face_size: int = setting(24, "Ignore faces smaller than this many pixels (width).", min=1, max=16384)
     haar_scale_factor: float = setting(1.3, "Haar cascade scale step.", min=1.01, max=2.0)
     haar_min_neighbors: int = setting(5, "Haar cascade neighbours a detection needs.", min=0, max=50)
     interval_s: float = setting(
@@ -79,7 +84,7 @@ class ClassifierConfig:
 
 @dataclass(frozen=True, slots=True)
 class TrackingConfig:
-    max_gap_s: float = setting(1.0, "A face unseen for less than this keeps its id.", min=0)
+    max_gap_s: float = setting(1.0, "A face unseen for less than this keeps its id.", min=0, max=3600)
     min_iou: float = setting(0.2, "Minimum overlap to match a detection to a track.", min=0, max=1)
 
 
@@ -87,10 +92,11 @@ class TrackingConfig:
 class SmoothingConfig:
     # Defaults measured on real video with `python -m agent.flicker` (docs/benchmarks.md).
     window_s: float = setting(0.25, "Time constant of the moving average of each face's 7 probabilities.",
-                              min=0, min_exclusive=True)
+                              min=0, min_exclusive=True, max=60)
     change_margin: float = setting(0.03, "A new emotion must lead the current one by this much (probability).",
                                    min=0, max=1)
-    dwell_s: float = setting(0.25, "...and hold that lead this long before an emotion_changed event.", min=0)
+    dwell_s: float = setting(0.25, "...and hold that lead this long before an emotion_changed event.", min=0,
+                            max=60)
     confidence_gate: float = setting(0.3, "Below this smoothed probability the state is 'uncertain'.", min=0, max=1)
 
 
@@ -124,11 +130,11 @@ class MqttConfig:
         None, "File holding the password (or set " + PASSWORD_ENV + ", or systemd credential mqtt_password).")
     tls: TlsConfig = section(TlsConfig, "TLS settings.")
     queue_size: int = setting(1000, "Messages kept while the broker is unreachable; beyond it the newest are "
-                                    "dropped and counted.", min=1)
-    reconnect_min_s: float = setting(1.0, "First wait before reconnecting.", min=0.1)
-    reconnect_max_s: float = setting(60.0, "Longest wait between reconnects.", min=1)
-    summary_interval_s: float = setting(60.0, "Period of the summary message.", min=1)
-    stats_interval_s: float = setting(30.0, "Period of the stats message.", min=1)
+                                    "dropped and counted.", min=1, max=1_000_000)
+    reconnect_min_s: float = setting(1.0, "First wait before reconnecting.", min=0.1, max=3600)
+    reconnect_max_s: float = setting(60.0, "Longest wait between reconnects.", min=1, max=3600)
+    summary_interval_s: float = setting(60.0, "Period of the summary message.", min=1, max=86400)
+    stats_interval_s: float = setting(30.0, "Period of the stats message.", min=1, max=86400)
     discovery: DiscoveryConfig = section(DiscoveryConfig, "Home Assistant discovery.")
 
 
@@ -154,6 +160,7 @@ class Config:
 
 # --- validation -------------------------------------------------------------------------------
 
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
@@ -210,6 +217,8 @@ def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, line
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(lines, path, f"expected an integer, got {value!r}")
     elif base is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e9 (no dot, no sign) as text; people mean the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(lines, path, f"expected a number, got {value!r}")
         value = float(value)

@@ -87,6 +87,9 @@ BAD_CONFIGS = [
     ("- a\n- b\n", "expected a mapping of settings at the top level, got list"),
     ("mqtt:\n  port: [1\n", "invalid YAML"),
     ("camera:\n  retry_initial_s: 10\n  retry_max_s: 1\n", "camera.retry_max_s: must be at least"),
+    ("smoothing:\n  dwell_s: 1e9\n", "smoothing.dwell_s: expected at most 60, got 1000000000.0"),  # YAML 1.1: '1e9'
+    ("smoothing:\n  dwell_s: 1e-9x\n", "smoothing.dwell_s: expected a number, got '1e-9x'"),
+    ("mqtt:\n  queue_size: 100000000\n", "mqtt.queue_size: expected at most 1000000, got 100000000"),
     ("mqtt:\n  port: 1883\n  port: 1884\n", "config.yaml:3: mqtt.port: set twice (first on line 2)"),
     ("mqtt:\n  host: a\nsource: 0\nmqtt:\n  port: 1\n", "config.yaml:4: mqtt: set twice (first on line 1)"),
 ]
@@ -152,3 +155,8 @@ def test_two_agents_on_one_host_with_different_topic_roots_get_different_client_
     assert client_id(default) == f"emotion-agent-{host}"
     assert client_id(door) == f"emotion-agent-{host}-door-cam"
     assert client_id(named) == "mine"
+
+
+def test_numbers_in_exponent_notation_are_numbers_though_yaml_1_1_reads_them_as_text(tmp_path):
+    cfg = load_config(write(tmp_path, "smoothing:\n  window_s: 5e-1\n  dwell_s: 2E-1\n"))
+    assert (cfg.smoothing.window_s, cfg.smoothing.dwell_s) == (0.5, 0.2)
