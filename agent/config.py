@@ -192,6 +192,12 @@ class _Lines:
         return f"{self.origin}:{line}: " if line else (f"{self.origin}: " if self.origin else "")
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value for an error line, cut short: a pasted blob must not become a thousand-column line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + "…" + text[-4:]
+
+
 def _fail(lines: _Lines, path: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"{lines.where(path)}{path}: {message}")
 
@@ -212,32 +218,32 @@ def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, line
         _fail(lines, path, f"must not be empty, expected {_TYPE_NAMES.get(base, base.__name__)}")
     if base is bool:
         if not isinstance(value, bool):
-            _fail(lines, path, f"expected true or false, got {value!r}")
+            _fail(lines, path, f"expected true or false, got {_shown(value)}")
     elif base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(lines, path, f"expected an integer, got {value!r}")
+            _fail(lines, path, f"expected an integer, got {_shown(value)}")
     elif base is float:
         if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e9 (no dot, no sign) as text; people mean the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(lines, path, f"expected a number, got {value!r}")
+            _fail(lines, path, f"expected a number, got {_shown(value)}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
-            _fail(lines, path, f"expected a finite number, got {value!r}")
+            _fail(lines, path, f"expected a finite number, got {_shown(value)}")
     elif base is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and path == "source":
             value = str(value)  # `source: 0` means camera 0
         if not isinstance(value, str):
-            _fail(lines, path, f"expected a string, got {value!r}")
+            _fail(lines, path, f"expected a string, got {_shown(value)}")
     low, high, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if choices is not None and value not in choices:
-        _fail(lines, path, f"expected one of {', '.join(choices)}, got {value!r}")
+        _fail(lines, path, f"expected one of {', '.join(choices)}, got {_shown(value)}")
     if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
         bound = f"greater than {low}" if meta.get("min_exclusive") else f"at least {low}"
         _fail(lines, path, f"expected {bound}" + (f" and at most {high}" if high is not None else "")
-              + f", got {value!r}")
+              + f", got {_shown(value)}")
     if high is not None and value > high:
-        _fail(lines, path, f"expected at most {high}, got {value!r}")
+        _fail(lines, path, f"expected at most {high}, got {_shown(value)}")
     return value
 
 
@@ -245,7 +251,7 @@ def _build(cls: type, data: Any, prefix: str, lines: _Lines) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        _fail(lines, prefix or "(top level)", f"expected a mapping of settings, got {data!r}")
+        _fail(lines, prefix or "(top level)", f"expected a mapping of settings, got {_shown(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -276,7 +282,7 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
     """Cross-field rules; no side effects."""
     m = cfg.mqtt
     if not m.host or re.search(r"\s|/|^[a-z]+:", m.host):
-        _fail(lines, "mqtt.host", f"expected a host name or IP address (no scheme, no path), got {m.host!r}")
+        _fail(lines, "mqtt.host", f"expected a host name or IP address (no scheme, no path), got {_shown(m.host)}")
     if m.reconnect_max_s < m.reconnect_min_s:
         _fail(lines, "mqtt.reconnect_max_s", f"must be at least mqtt.reconnect_min_s ({m.reconnect_min_s})")
     if cfg.camera.retry_max_s < cfg.camera.retry_initial_s:
@@ -284,10 +290,10 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
     prefix = m.topic_prefix
     if not prefix or any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/"):
         _fail(lines, "mqtt.topic_prefix", f"expected topic levels without wildcards or leading/trailing '/', "
-              f"got {prefix!r}")
+              f"got {_shown(prefix)}")
     disc = m.discovery.prefix
     if not disc or any(c in disc for c in "#+\0") or disc.startswith("/") or disc.endswith("/"):
-        _fail(lines, "mqtt.discovery.prefix", f"expected topic levels without wildcards, got {disc!r}")
+        _fail(lines, "mqtt.discovery.prefix", f"expected topic levels without wildcards, got {_shown(disc)}")
     if (m.tls.cert_file is None) != (m.tls.key_file is None):
         _fail(lines, "mqtt.tls.key_file", "cert_file and key_file must be given together")
     files = [("mqtt.password_file", m.password_file), ("mqtt.tls.ca_file", m.tls.ca_file),
@@ -333,6 +339,12 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         except UnicodeDecodeError:
             raise ConfigError(f"config file is not UTF-8 text: {path}") from None
     try:
+        for event in yaml.parse(text or ""):
+            # Aliases have no use in this config, and a few nested ones make any walk of the
+            # document exponential ("billion laughs").
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"{origin}:{event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
+                                  "are not supported in the config; write the value out")
         data = yaml.safe_load(text) if text else {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

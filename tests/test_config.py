@@ -90,6 +90,8 @@ BAD_CONFIGS = [
     ("smoothing:\n  dwell_s: 1e9\n", "smoothing.dwell_s: expected at most 60, got 1000000000.0"),  # YAML 1.1: '1e9'
     ("smoothing:\n  dwell_s: 1e-9x\n", "smoothing.dwell_s: expected a number, got '1e-9x'"),
     ("mqtt:\n  queue_size: 100000000\n", "mqtt.queue_size: expected at most 1000000, got 100000000"),
+    ("source: [" + "1, " * 500 + "1]\n", "source: expected a string, got [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, …, 1]"),
+    ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "config.yaml:2: YAML aliases (*a) are not supported"),
     ("mqtt:\n  port: 1883\n  port: 1884\n", "config.yaml:3: mqtt.port: set twice (first on line 2)"),
     ("mqtt:\n  host: a\nsource: 0\nmqtt:\n  port: 1\n", "config.yaml:4: mqtt: set twice (first on line 1)"),
 ]
