@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -105,10 +106,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             continue
         reload_requested = False
         signalled = False
+        stop_requested = threading.Event()  # also ends the wait for the broker after a file run
 
         def on_stop(signum, _frame) -> None:
             nonlocal signalled
             signalled = True
+            stop_requested.set()
             logger.info("received %s: stopping", signal.Signals(signum).name)
             agent.stop()
 
@@ -156,7 +159,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # Asked to stop (or a live source): exit promptly, as systemd expects; a file run waits longer
         # so that its exit status can promise every message was delivered.
         prompt = signalled or agent.source.live
-        delivered = agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S) if prompt else args.flush_timeout)
+        delivered = agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S) if prompt else args.flush_timeout,
+                                          cancel=None if prompt else stop_requested)
         undelivered = agent.publisher.pending()
         agent.publisher.close(timeout=1.0 if not delivered else 5.0)
         logger.info("processed %d frames, %d events", result.frames, result.events)

@@ -283,6 +283,11 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
     m = cfg.mqtt
     if not m.host or re.search(r"\s|/|^[a-z]+:", m.host):
         _fail(lines, "mqtt.host", f"expected a host name or IP address (no scheme, no path), got {_shown(m.host)}")
+    if len(m.host) > 253 or any(len(label) > 63 for label in m.host.split(".")):
+        _fail(lines, "mqtt.host", f"not a valid host name (at most 253 characters, 63 between dots), "
+              f"got {_shown(m.host)}")
+    if m.client_id is not None and not 1 <= len(m.client_id.encode()) <= 256:
+        _fail(lines, "mqtt.client_id", f"expected 1 to 256 bytes, got {len(m.client_id.encode())}")
     if m.reconnect_max_s < m.reconnect_min_s:
         _fail(lines, "mqtt.reconnect_max_s", f"must be at least mqtt.reconnect_min_s ({m.reconnect_min_s})")
     if cfg.camera.retry_max_s < cfg.camera.retry_initial_s:
@@ -291,8 +296,14 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
     if not prefix or any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/"):
         _fail(lines, "mqtt.topic_prefix", f"expected topic levels without wildcards or leading/trailing '/', "
               f"got {_shown(prefix)}")
+    if prefix.startswith("$"):
+        _fail(lines, "mqtt.topic_prefix", f"topics starting with '$' are the broker's own (it drops what clients "
+              f"publish there), got {_shown(prefix)}")
+    if len(prefix.encode()) > 1024:
+        _fail(lines, "mqtt.topic_prefix", f"too long: {len(prefix.encode())} bytes, expected at most 1024")
     disc = m.discovery.prefix
-    if not disc or any(c in disc for c in "#+\0") or disc.startswith("/") or disc.endswith("/"):
+    if not disc or any(c in disc for c in "#+\0") or disc.startswith(("/", "$")) or disc.endswith("/") \
+            or len(disc.encode()) > 1024:
         _fail(lines, "mqtt.discovery.prefix", f"expected topic levels without wildcards, got {_shown(disc)}")
     if (m.tls.cert_file is None) != (m.tls.key_file is None):
         _fail(lines, "mqtt.tls.key_file", "cert_file and key_file must be given together")
@@ -300,12 +311,25 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
              ("mqtt.tls.cert_file", m.tls.cert_file), ("mqtt.tls.key_file", m.tls.key_file),
              ("detector.model", cfg.detector.model), ("classifier.model", cfg.classifier.model)]
     for path, value in files:
-        if value is not None and not Path(value).is_file():
+        if value is None:
+            continue
+        if not Path(value).exists():
             _fail(lines, path, f"file not found: {value}")
-        if value is not None and not os.access(value, os.R_OK):
+        if not Path(value).is_file():
+            _fail(lines, path, f"not a regular file: {value}")
+        if not os.access(value, os.R_OK):
             _fail(lines, path, f"file not readable: {value}")
     if any((m.tls.ca_file, m.tls.cert_file)) and not m.tls.enabled:
         _fail(lines, "mqtt.tls.enabled", "TLS files are set but tls.enabled is false")
+    if m.tls.insecure and not m.tls.enabled:
+        _fail(lines, "mqtt.tls.insecure", "set, but tls.enabled is false")
+    if m.password_file is not None:
+        if m.username is None:
+            _fail(lines, "mqtt.password_file", "set, but mqtt.username is not: the password would never be sent")
+        if not read_password(m):
+            _fail(lines, "mqtt.password_file", f"the file is empty: {m.password_file}")
+    if cfg.detector.kind == "haar" and cfg.detector.model is not None:
+        _fail(lines, "detector.model", "applies to blazeface only; the haar detector uses OpenCV's own cascade")
     if not cfg.source.strip():
         _fail(lines, "source", "must not be empty")
 
@@ -328,6 +352,10 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
     origin = ""
     if path is not None:
         origin = str(path)
+        if not origin.strip():
+            raise ConfigError("config path is empty")
+        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+            raise ConfigError(f"config path is not a regular file: {path}")  # /dev/zero would never end
         try:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -395,16 +423,22 @@ def client_id(cfg: MqttConfig) -> str:
 def read_password(cfg: MqttConfig) -> str | None:
     """The MQTT password: password_file, then the environment, then systemd's credentials directory."""
     if cfg.password_file:
-        try:
-            return Path(cfg.password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"mqtt.password_file: cannot read {cfg.password_file}: {exc.strerror}") from None
+        return _read_secret(Path(cfg.password_file), "mqtt.password_file")
     if os.environ.get(PASSWORD_ENV):
         return os.environ[PASSWORD_ENV]
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / "mqtt_password").is_file():
-        return (Path(creds) / "mqtt_password").read_text(encoding="utf-8").strip()
+        return _read_secret(Path(creds) / "mqtt_password", "systemd credential mqtt_password")
     return None
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: not UTF-8 text: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
 
 
 def iter_settings(cls: type = Config, prefix: str = ""):

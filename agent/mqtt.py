@@ -43,7 +43,7 @@ class Message:
 class Publisher(Protocol):
     def publish(self, message: Message) -> None: ...
 
-    def flush(self, timeout: float) -> bool: ...
+    def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool: ...
 
     def close(self, timeout: float = 5.0) -> None: ...
 
@@ -270,13 +270,14 @@ class MqttPublisher:
         with self._lock:
             return len(self._backlog) + len(self._unacked)
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until every message is delivered; False if `timeout` passed first."""
+    def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        """Wait until every message is delivered; False if `timeout` passed first, or `cancel` was set
+        (a SIGTERM while a file run waits for an absent broker)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while self._backlog or self._unacked:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (cancel is not None and cancel.is_set()):
                     return False
                 self._idle.wait(min(remaining, 0.2))
         return True
@@ -327,7 +328,7 @@ class MemoryPublisher:
     def pending(self) -> int:
         return 0
 
-    def flush(self, timeout: float) -> bool:
+    def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool:
         return True
 
     def start(self) -> None:

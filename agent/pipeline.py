@@ -278,8 +278,14 @@ def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop
         preview = Preview()
     if source is None:
         source = make_source(cfg.source, cfg.camera, realtime=realtime, loop=loop)
-    detector = make_detector_from(cfg)
-    classifier = make_classifier_from(cfg)
+    try:
+        detector = make_detector_from(cfg)
+        classifier = make_classifier_from(cfg)
+    except BaseException:
+        # The source may already run a decode thread: left running, it aborts the interpreter
+        # at exit ("terminate called without an active exception") after the one-line error.
+        source.close()
+        raise
     holder: dict[str, Agent] = {}
 
     def on_birth(topic: str, payload: bytes) -> None:
@@ -289,7 +295,11 @@ def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop
             agent.publisher.republish_retained()
 
     if publisher is None:
-        publisher = make_publisher_from(cfg, topics, on_birth)
+        try:
+            publisher = make_publisher_from(cfg, topics, on_birth)
+        except BaseException:
+            source.close()
+            raise
     agent = Agent(cfg=cfg, source=source, detector=detector, classifier=classifier,
                   tracker=make_tracker_from(cfg), publisher=publisher, topics=topics, preview=preview)
     holder["agent"] = agent

@@ -92,6 +92,14 @@ BAD_CONFIGS = [
     ("mqtt:\n  queue_size: 100000000\n", "mqtt.queue_size: expected at most 1000000, got 100000000"),
     ("source: [" + "1, " * 500 + "1]\n", "source: expected a string, got [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, …, 1]"),
     ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "config.yaml:2: YAML aliases (*a) are not supported"),
+    ("mqtt:\n  host: " + "a" * 64 + ".lan\n", "mqtt.host: not a valid host name"),
+    ("mqtt:\n  client_id: " + "c" * 300 + "\n", "mqtt.client_id: expected 1 to 256 bytes, got 300"),
+    ("mqtt:\n  topic_prefix: $SYS/x\n", "mqtt.topic_prefix: topics starting with '$' are the broker's own"),
+    ("mqtt:\n  topic_prefix: " + "t" * 2000 + "\n", "mqtt.topic_prefix: too long: 2000 bytes"),
+    ("mqtt:\n  tls:\n    insecure: true\n", "mqtt.tls.insecure: set, but tls.enabled is false"),
+    ("mqtt:\n  password_file: /dev/null\n", "mqtt.password_file: not a regular file: /dev/null"),
+    ("mqtt:\n  password_file: /\n", "mqtt.password_file: not a regular file: /"),
+    ("detector:\n  kind: haar\n  model: /dev/null\n", "detector.model: not a regular file"),
     ("mqtt:\n  port: 1883\n  port: 1884\n", "config.yaml:3: mqtt.port: set twice (first on line 2)"),
     ("mqtt:\n  host: a\nsource: 0\nmqtt:\n  port: 1\n", "config.yaml:4: mqtt: set twice (first on line 1)"),
 ]
@@ -113,6 +121,8 @@ def test_bad_config_is_one_clear_line(tmp_path, capsys, text, message):
 @pytest.mark.parametrize("make_path, message", [
     (lambda tmp: tmp / "nope.yaml", "config file not found"),
     (lambda tmp: tmp, "config path is a directory"),
+    (lambda tmp: "/dev/zero", "config path is not a regular file: /dev/zero"),  # would be read forever
+    (lambda tmp: "", "config path is empty"),
 ])
 def test_unusable_config_path_is_one_line(tmp_path, capsys, make_path, message):
     assert main(["check-config", str(make_path(tmp_path))]) == 2
@@ -162,3 +172,21 @@ def test_two_agents_on_one_host_with_different_topic_roots_get_different_client_
 def test_numbers_in_exponent_notation_are_numbers_though_yaml_1_1_reads_them_as_text(tmp_path):
     cfg = load_config(write(tmp_path, "smoothing:\n  window_s: 5e-1\n  dwell_s: 2E-1\n"))
     assert (cfg.smoothing.window_s, cfg.smoothing.dwell_s) == (0.5, 0.2)
+
+
+@pytest.mark.parametrize("username, content, message", [
+    ("agent", b"", "mqtt.password_file: the file is empty"),
+    ("agent", b"\xff\xfe\x00secret", "mqtt.password_file: not UTF-8 text"),
+    (None, b"secret", "mqtt.password_file: set, but mqtt.username is not"),
+])
+def test_a_password_file_that_cannot_be_used_is_one_line(tmp_path, username, content, message):
+    secret = tmp_path / "pw"
+    secret.write_bytes(content)
+    user = f"  username: {username}\n" if username else ""
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, f"mqtt:\n{user}  password_file: {secret}\n"))
+
+
+def test_haar_with_a_model_file_is_refused_rather_than_ignored(tmp_path):
+    with pytest.raises(ConfigError, match="detector.model: applies to blazeface only"):
+        load_config(write(tmp_path, f"detector:\n  kind: haar\n  model: {ROOT / 'config.yaml'}\n"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -130,6 +131,10 @@ def _file(tmp, name: str, content: bytes) -> str:
     return str(path)
 
 
+def _video(tmp: Path) -> str:
+    return str(still_video(tmp / "one_second.avi", seconds=1))
+
+
 BAD_COMMAND_LINES = [
     (lambda tmp: ["--source", "/nonexistent.mp4"], "source not found: /nonexistent.mp4"),
     (lambda tmp: ["--source", str(tmp)], "source is a directory"),
@@ -137,8 +142,11 @@ BAD_COMMAND_LINES = [
     (lambda tmp: ["--source", _file(tmp, "broken.mp4", b"\0" * 4096)], "cannot open video"),
     (lambda tmp: ["--mqtt-port", "99999"], "expected a port number 1..65535"),
     (lambda tmp: ["--mqtt-port", "abc"], "expected a port number 1..65535"),
-    (lambda tmp: ["--flush-timeout", "-1"], "expected a number of seconds, 0 or more"),
-    (lambda tmp: ["--flush-timeout", "nan"], "expected a number of seconds, 0 or more"),
+    (lambda tmp: ["--flush-timeout", "-1"], "expected a number of seconds from 0 to 86400"),
+    (lambda tmp: ["--flush-timeout", "nan"], "expected a number of seconds from 0 to 86400"),
+    (lambda tmp: ["--flush-timeout", "1e20"], "expected a number of seconds from 0 to 86400"),
+    (lambda tmp: ["--source", _video(tmp), "--config", _file(tmp, "c.yaml", b"classifier:\n  model: "
+                  + _file(tmp, "junk.tflite", b"junk").encode() + b"\n")], "cannot load model"),  # decode thread up
     (lambda tmp: ["--mqtt-host", "mqtt://x"], "mqtt.host: expected a host name or IP address"),
     (lambda tmp: ["--mqtt-host", "a b"], "mqtt.host: expected a host name or IP address"),
     (lambda tmp: ["--topic-prefix", "a/#"], "mqtt.topic_prefix: expected topic levels without wildcards"),
@@ -164,6 +172,7 @@ def test_bad_command_line_is_one_line_and_non_zero(tmp_path, smiling_photo, make
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+    assert done.returncode > 0 and "terminate called" not in done.stderr, "aborted instead of exiting"
 
 
 @pytest.fixture
@@ -246,3 +255,23 @@ def test_the_display_check_accepts_a_live_x_server(xvfb):
 
     assert x_display_problem(xvfb) is None
     assert "cannot reach" in x_display_problem(":" + str(int(xvfb[1:]) + 1))
+
+
+def test_sigterm_ends_the_wait_for_an_absent_broker_after_a_file_run(tmp_path, smiling_photo):
+    from tests.conftest import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", str(smiling_photo), "--mqtt-port",
+                             str(free_port()), "--flush-timeout", "600"], stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until the run is over and only the flush remains
+            if "first frame processed" in line:
+                break
+        time.sleep(1.0)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and time.monotonic() - started < 5, err
+    assert "not acknowledged" in err
