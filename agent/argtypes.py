@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+from agent.errors import AgentError
 
 
 def port(text: str) -> int:
@@ -36,3 +40,31 @@ def seconds(text: str) -> float:
     if not 0 <= value <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"expected a number of seconds from 0 to {MAX_SECONDS}, got {text}")
     return value
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def plot_file(text: str) -> Path:
+    path = Path(text)
+    if not text.strip() or path.suffix.lower() not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"expected a file name ending in {', '.join(PLOT_SUFFIXES)}, got {text!r}")
+    return path
+
+
+def name_part(text: str) -> str:
+    if not text.strip() or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected a name without '/', got {text!r}")
+    return text
+
+
+def make_output_folder(folder: Path, option: str) -> None:
+    """Create `folder` now, before minutes of measuring, or say in one line why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise AgentError(f"{option}: not a folder: {folder}") from None
+    except OSError as exc:
+        raise AgentError(f"{option}: cannot create folder {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise AgentError(f"{option}: folder not writable: {folder}")

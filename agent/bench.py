@@ -20,8 +20,8 @@ from pathlib import Path
 
 import cv2
 
-from agent.argtypes import positive_int
-from agent.capture import VideoFileSource
+from agent.argtypes import make_output_folder, name_part, positive_int
+from agent.capture import VideoFileSource, classify_source
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
 from agent.progress import Progress
@@ -212,8 +212,9 @@ def run_bench(video: str, *, config_path: str | None = None, max_frames: int | N
               decode: bool = True, classic: bool = True, rounds: int = 3) -> BenchResult:
     """The pipelines take turns, round after round, so a burst of load elsewhere on the machine
     hits them alike; each is reported by its fastest round, and the ratios are between those."""
-    if not Path(video).is_file():
-        raise SourceError(f"video not found: {video}")
+    kind, _ = classify_source(video)  # one clear line for a missing file, a folder, a URL
+    if kind != "video":
+        raise SourceError(f"bench needs a video file; {video} is {'an' if kind == 'image' else 'a'} {kind}")
     VideoFileSource(video).close()  # one clear error for an unreadable file
     if classic:
         from agent.classic import check_tensorflow_installed
@@ -305,6 +306,11 @@ def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]
 def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.pipeline").setLevel(logging.WARNING)  # one line per event is noise here
+    if args.plot:  # before minutes of measuring, not after
+        from agent.eval_emotion import require_pyplot
+
+        require_pyplot()
+        make_output_folder(Path(args.plot), "--plot")
     result = run_bench(args.video, config_path=args.config, max_frames=args.max_frames,
                        decode=not args.no_decode, classic=not args.no_classic, rounds=args.rounds)
     if args.json:
@@ -328,6 +334,6 @@ def register(sub) -> None:
     p.add_argument("--no-decode", action="store_true", help="skip the decode-only reference")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (latency per stage, frames/s) into DIR")
-    p.add_argument("--plot-name", metavar="NAME", help="name the plots fps_NAME.png, latency_NAME.png "
-                                                        "(default: the video's file name)")
+    p.add_argument("--plot-name", metavar="NAME", type=name_part,
+                   help="name the plots fps_NAME.png, latency_NAME.png (default: the video's file name)")
     p.set_defaults(handler=_cmd)

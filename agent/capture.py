@@ -59,6 +59,15 @@ def _valid_frame(image: np.ndarray | None) -> bool:
             and image.shape[0] > 0 and image.shape[1] > 0 and image.dtype == np.uint8)
 
 
+def _truncated_jpeg(path: str) -> bool:
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return False
+        f.seek(max(0, Path(path).stat().st_size - 64))
+        tail = f.read()
+    return b"\xff\xd9" not in tail  # a whole JPEG ends with its EOI marker (padding may follow)
+
+
 class ImageSource:
     """A single image file: one frame, then the end."""
 
@@ -69,6 +78,9 @@ class ImageSource:
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise SourceError(f"cannot read image {path}: not an image file OpenCV can decode")
+        if _truncated_jpeg(path):
+            # libjpeg decodes what is there and greys out the rest: say so rather than find no face.
+            logger.warning("image %s is damaged (a JPEG cut short): its lower part is blank", path)
         self._image: np.ndarray | None = image
         self._ended = False
 

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from agent.argtypes import positive_int
+from agent.argtypes import make_output_folder, plot_file, positive_int
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
 
@@ -17,11 +17,16 @@ def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.plot and (args.faces or args.margins):  # before the run, not after it
         raise AgentError("--plot draws the emotion confusion matrix; it does not apply with --faces or --margins")
+    if args.faces and args.margins is not None:
+        raise AgentError("--margins measures the emotion crops; it does not apply with --faces")
     if args.plot:
         from agent.eval_emotion import require_pyplot
 
         require_pyplot()
+        make_output_folder(args.plot.parent, "--plot")
     cfg = load_config(args.config)
+    if not args.target.strip():
+        raise SourceError("DIR: empty path")
     target = Path(args.target)
     if not target.exists():
         raise SourceError(f"not found: {target}")
@@ -33,7 +38,7 @@ def _cmd(args: argparse.Namespace) -> int:
         if not xmls:
             raise SourceError(f"no imglab .xml files in {target}")
         result = evaluate_detector(xmls, make_detector_from(cfg))
-    elif args.margins:
+    elif args.margins is not None:
         from agent.classify import default_model_path
         from agent.eval_margin import evaluate_margins, format_report
         from agent.pipeline import make_detector_from
@@ -52,7 +57,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.plot:
         from agent.eval_emotion import plot_confusion
 
-        plot_confusion(result, Path(args.plot))
+        plot_confusion(result, args.plot)
     return 0
 
 
@@ -77,5 +82,6 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="FILE", help="agent config whose models are measured")
     p.add_argument("--limit", type=positive_int, metavar="N", help="at most N images per class")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", type=plot_file,
+                   help="draw the confusion matrix (needs matplotlib; .png, .pdf or .svg)")
     p.set_defaults(handler=_cmd)

@@ -11,6 +11,7 @@ cascade's are about 1.2 times as wide, and one of its true faces overlaps its ma
 
 from __future__ import annotations
 
+import math
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -34,10 +35,15 @@ class MarkedImage:
 
 def _box(element: ET.Element, xml_path: Path) -> Box:
     try:
-        return Box(*(float(element.get(k)) for k in ("left", "top", "width", "height")))
+        left, top, width, height = (float(element.get(k)) for k in ("left", "top", "width", "height"))
     except (TypeError, ValueError):
         raise SourceError(f"{xml_path}: a <box> needs numeric top, left, width and height, "
                           f"got {dict(element.attrib)}") from None
+    if not all(math.isfinite(v) for v in (left, top, width, height)):
+        raise SourceError(f"{xml_path}: a <box> needs finite numbers, got {dict(element.attrib)}")
+    if width <= 0 or height <= 0:
+        raise SourceError(f"{xml_path}: a <box> needs positive width and height, got {dict(element.attrib)}")
+    return Box(left, top, width, height)
 
 
 def parse_imglab(xml_path: Path) -> list[MarkedImage]:
@@ -52,6 +58,8 @@ def parse_imglab(xml_path: Path) -> list[MarkedImage]:
             raise SourceError(f"{xml_path}: an <image> without a file attribute")
         boxes = tuple(_box(b, xml_path) for b in image.iter("box") if b.get("ignore", "0") != "1")
         images.append(MarkedImage(Path(xml_path).parent / image.get("file"), boxes))
+    if not images:
+        raise SourceError(f"{xml_path}: no <image> elements (not a dlib imglab file?)")
     return images
 
 

@@ -44,9 +44,29 @@ def test_bench_max_frames_stops_early(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["agent"]["frames"] == 7
 
 
-def test_bench_on_a_missing_video_is_one_line(capsys):
-    assert main(["bench", "/nonexistent.mp4", "--no-classic"]) == 4
-    assert "video not found: /nonexistent.mp4" in capsys.readouterr().err
+BAD_BENCH_INPUTS = [
+    (["/nonexistent.mp4"], "source not found: /nonexistent.mp4"),
+    (["{tmp}"], "source is a directory"),
+    (["{photo}"], "bench needs a video file; {photo} is an image"),
+    (["rtsp://127.0.0.1:1/x"], "bench needs a video file; rtsp://127.0.0.1:1/x is a stream"),
+    (["{video}", "--plot", "{photo}"], "--plot: not a folder"),                # before measuring
+    (["{video}", "--plot", "/proc/x"], "--plot: cannot create folder /proc/x"),
+    (["{video}", "--plot-name", "a/b"], "expected a name without '/'"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_BENCH_INPUTS, ids=[m for _, m in BAD_BENCH_INPUTS])
+def test_bench_bad_input_is_one_line_before_any_measuring(tmp_path, capsys, smiling_photo, args, message):
+    video = still_video(tmp_path / "clip.avi", seconds=1)
+    names = {"tmp": tmp_path, "photo": smiling_photo, "video": video}
+    try:
+        code = main(["bench", *(a.format(**names) for a in args), "--no-classic"])
+    except SystemExit as exit_:  # argparse's own one-line usage error
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code != 0 and captured.out == ""
+    assert message.format(**names) in captured.err and captured.err.count("error:") == 1
+    assert "Traceback" not in captured.err
 
 
 class FakeTerminal(io.StringIO):

@@ -1,3 +1,4 @@
+import logging
 import time
 
 import cv2
@@ -153,3 +154,15 @@ def test_corrupt_image_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(SourceError, match="cannot read image"):
         make_source(str(bad))
+
+
+def test_a_jpeg_cut_short_is_read_but_named_as_damaged(tmp_path, smiling_photo, caplog):
+    whole = smiling_photo.read_bytes()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) // 3])
+    with caplog.at_level(logging.WARNING, logger="agent.capture"):
+        ImageSource(str(smiling_photo))
+        assert not caplog.records
+        frame = ImageSource(str(cut)).read()
+    assert frame is not None and frame.image.shape == cv2.imread(str(smiling_photo)).shape
+    assert [r.getMessage() for r in caplog.records] == [f"image {cut} is damaged (a JPEG cut short): its lower part is blank"]

@@ -38,18 +38,33 @@ def test_eval_margins_reports_each_margin(tiny_fer, capsys):
     (["eval", "--faces", "{tmp}"], "no imglab .xml files"),
     (["eval", "--faces", "/nonexistent", "--plot", "x.png"], "does not apply with --faces"),  # before any work
     (["eval", "--limit", "0", "{tmp}"], "expected a whole number of at least 1, got 0"),
+    (["eval", ""], "DIR: empty path"),
+    (["eval", "{tmp}", "--margins", ""], "--margins: expected values between -0.3 and 1.0"),
+    (["eval", "--faces", "{tmp}", "--margins", "0.1"], "--margins measures the emotion crops"),
+    (["eval", "{tmp}", "--plot", "x.txt"], "expected a file name ending in .png, .pdf, .svg"),
+    (["eval", "{tmp}", "--plot", "/proc/new/x.png"], "--plot: cannot create folder /proc/new"),
+    (["eval", "--faces", "{xml:<dataset><images/></dataset>}"], "no <image> elements"),
+    (["eval", "--faces", "{xml:<dataset><images><image file='a.jpg'><box top='1' left='1' width='-3' "
+      "height='5'/></image></images></dataset>}"], "a <box> needs positive width and height"),
+    (["eval", "--faces", "{xml:<dataset><images><image file='a.jpg'><box top='nan' left='1' width='3' "
+      "height='5'/></image></images></dataset>}"], "a <box> needs finite numbers"),
 ])
 def test_eval_bad_input_is_one_line(tmp_path, capsys, args, message):
+    def expand(arg: str) -> str:
+        if arg.startswith("{xml:"):
+            (tmp_path / "marks.xml").write_text(arg[5:-1])
+            return str(tmp_path / "marks.xml")
+        return arg.replace("{tmp}", str(tmp_path))
     try:
-        assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) != 0
+        assert main([expand(a) for a in args]) != 0
     except SystemExit as exit_:  # argparse's own one-line usage error
         assert exit_.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
-def test_eval_plot_draws_into_a_new_folder(tiny_fer, tmp_path, capsys):
-    target = tmp_path / "new" / "folder" / "confusion.png"
+def test_eval_plot_draws_into_a_new_folder(tiny_fer, tmp_path_factory, capsys):
+    target = tmp_path_factory.mktemp("plots") / "new" / "folder" / "confusion.png"
     assert main(["eval", str(tiny_fer), "--plot", str(target)]) == 0
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
