@@ -78,6 +78,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         kind, target = classify_source(cfg.source)  # the checks `run` makes before opening it
     except SourceError as exc:
         raise ConfigError(f"{args.file}: source: {exc}") from None
+    # What `run` loads before its first frame, so that OK here means it starts there.
+    from agent.mqtt import check_tls_files
+    from agent.pipeline import make_classifier_from, make_detector_from
+
+    if cfg.mqtt.tls.enabled:
+        check_tls_files(cfg.mqtt.tls.ca_file, cfg.mqtt.tls.cert_file, cfg.mqtt.tls.key_file)
+    make_detector_from(cfg)
+    make_classifier_from(cfg)
     waiting = " (not present now: run waits for it)" if kind == "camera" and isinstance(target, str) \
         and not Path(target).exists() else ""
     print(f"{args.file}: OK (source {cfg.source}: {kind}{waiting}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "

@@ -48,6 +48,22 @@ class Publisher(Protocol):
     def close(self, timeout: float = 5.0) -> None: ...
 
 
+def check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+    """Load the TLS files as a connection would, naming the one at fault (BrokerError)."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise BrokerError(f"mqtt.tls.ca_file: not a PEM CA certificate: {ca_file} ({exc})") from None
+    if cert_file:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise BrokerError(f"mqtt.tls.cert_file/key_file: not a PEM certificate and its private key: "
+                              f"{cert_file}, {key_file} ({exc})") from None
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
     host: str
@@ -107,6 +123,7 @@ class MqttPublisher:
     @property
     def settings(self) -> BrokerSettings:
         return self._s
+
     def _make_client(self) -> paho.Client:
         s = self._s
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
@@ -118,6 +135,7 @@ class MqttPublisher:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         if s.tls:
+            check_tls_files(s.ca_file, s.cert_file, s.key_file)
             try:
                 client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
                                cert_reqs=ssl.CERT_REQUIRED)

@@ -140,6 +140,21 @@ def test_check_config_checks_the_source_as_run_does(tmp_path, capsys, source, me
     assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("section, message", [
+    ("classifier:\n  model: {junk}\n", "cannot load model"),
+    ("detector:\n  model: {junk}\n", "cannot load model"),
+    ("mqtt:\n  tls:\n    enabled: true\n    ca_file: {junk}\n", "mqtt.tls.ca_file: not a PEM CA certificate"),
+    ("mqtt:\n  tls:\n    enabled: true\n    cert_file: {junk}\n    key_file: {junk}\n",
+     "mqtt.tls.cert_file/key_file: not a PEM certificate and its private key"),
+])
+def test_check_config_loads_what_run_loads(tmp_path, capsys, section, message):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a model, not a certificate")
+    assert main(["check-config", str(write(tmp_path, "source: /dev/video97\n" + section.format(junk=junk)))]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
 def test_check_config_says_a_missing_camera_device_is_waited_for(tmp_path, capsys):
     assert main(["check-config", str(write(tmp_path, "source: /dev/video97\n"))]) == 0
     assert "camera (not present now: run waits for it)" in capsys.readouterr().out

@@ -157,7 +157,7 @@ BAD_COMMAND_LINES = [
      "detector.model: file not found"),
     (lambda tmp: ["--config", _file(tmp, "c.yaml", b"mqtt:\n  tls:\n    enabled: true\n    ca_file: "
                                     + _file(tmp, "ca.pem", b"not a certificate").encode() + b"\n")],
-     "mqtt.tls: cannot load certificates"),
+     "mqtt.tls.ca_file: not a PEM CA certificate"),
 ]
 
 
