@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Callable, Sequence
 from agent import payloads
 from agent.capture import FrameSource, make_source
 from agent.classify import EmotionClassifier, TFLiteEmotionClassifier, default_model_path
-from agent.config import Config, client_id, hostname, read_password, topic_root
+from agent.config import PASSWORD_ENV, Config, client_id, hostname, read_password, topic_root
 from agent.detect import FaceDetector, make_detector
 from agent.discovery import (DiscoverySettings, birth_topic, discovery_messages, encoded, expire_after_for,
                              node_id_for)
@@ -55,6 +56,8 @@ def make_tracker_from(cfg: Config) -> FaceStateTracker:
 
 def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, bytes], None]) -> MqttPublisher:
     m = cfg.mqtt
+    if m.username is None and os.environ.get(PASSWORD_ENV):
+        logger.warning("%s is set but mqtt.username is not: connecting without credentials", PASSWORD_ENV)
     settings = BrokerSettings(
         host=m.host, port=m.port, client_id=client_id(m), availability_topic=topics.availability, qos=m.qos,
         keepalive_s=m.keepalive_s, username=m.username, password=read_password(m) if m.username else None,

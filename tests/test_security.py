@@ -9,6 +9,7 @@ broker silently drops a forbidden publish, so a subscriber alone could never see
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -391,3 +392,16 @@ def test_the_agent_facing_a_broker_certificate_from_another_ca_exits_naming_it(b
         assert "Traceback" not in done.stderr
     finally:
         broker.stop()
+
+
+def test_a_password_in_the_environment_without_a_user_name_is_not_silently_dropped(monkeypatch, caplog):
+    from agent.config import PASSWORD_ENV, load_config
+    from agent.pipeline import make_publisher_from
+    from agent.topics import Topics
+
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    with caplog.at_level(logging.WARNING, logger="agent.pipeline"):
+        publisher = make_publisher_from(load_config(None), Topics("t/a"), lambda *_: None)
+    assert publisher.settings.password is None
+    assert any("mqtt.username is not" in r.getMessage() for r in caplog.records)
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
