@@ -307,9 +307,9 @@ def _cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.pipeline").setLevel(logging.WARNING)  # one line per event is noise here
     if args.plot:  # before minutes of measuring, not after
-        from agent.eval_emotion import require_pyplot
+        from agent.eval_emotion import check_pyplot_installed
 
-        require_pyplot()
+        check_pyplot_installed()
         make_output_folder(Path(args.plot), "--plot")
     result = run_bench(args.video, config_path=args.config, max_frames=args.max_frames,
                        decode=not args.no_decode, classic=not args.no_classic, rounds=args.rounds)

@@ -6,6 +6,7 @@ without a detector. `load_folder` reads, `score` is pure, `evaluate_folder` is t
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -149,6 +150,16 @@ def format_report(result: EmotionEvalResult) -> str:
     return "\n".join(lines)
 
 
+_NO_MATPLOTLIB = "--plot needs matplotlib: pip install '.[plot]'"
+
+
+def check_pyplot_installed() -> None:
+    """A one-line error now if matplotlib is missing, without importing it (bench measures this
+    process's peak memory, and pyplot alone adds tens of MiB)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise AgentError(_NO_MATPLOTLIB)
+
+
 def require_pyplot():
     """matplotlib's pyplot drawing to files, or a one-line error saying how to get it."""
     try:
@@ -157,7 +168,7 @@ def require_pyplot():
         matplotlib.use("Agg")  # files only: no display needed on a headless device
         import matplotlib.pyplot as plt
     except ImportError:
-        raise AgentError("--plot needs matplotlib: pip install '.[plot]'") from None
+        raise AgentError(_NO_MATPLOTLIB) from None
     return plt
 
 
