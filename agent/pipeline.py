@@ -19,6 +19,7 @@ from agent.capture import FrameSource, make_source
 from agent.classify import EmotionClassifier, TFLiteEmotionClassifier, default_model_path
 from agent.config import PASSWORD_ENV, Config, client_id, hostname, read_password, topic_root
 from agent.detect import FaceDetector, make_detector
+from agent.detect_ahead import DetectAhead
 from agent.discovery import (DiscoverySettings, birth_topic, discovery_messages, encoded, expire_after_for,
                              node_id_for)
 from agent.events import Event, TrackedFace
@@ -158,27 +159,49 @@ class Agent:
             if rest > 0:
                 self._stop.wait(rest)
 
-    def _detections(self, frame) -> list[Detection]:
-        """Fresh detections when one is due (detector.interval_s), else the faces found last time.
+    def _detect_if_due(self, frame) -> list[Detection] | None:
+        """Fresh detections when one is due (detector.interval_s of the frames' own time), else None.
 
         Expressions change within a frame or two, faces move little in a tenth of a second: so the
         cheap classifier runs on every frame, and the detector, the costliest stage, only as often
-        as the interval asks. The tracker still sees a box for every face on every frame."""
+        as the interval asks. The tracker still sees a box for every face on every frame. Called
+        in frame order, from the loop or from DetectAhead's thread, never from both."""
         interval = self.cfg.detector.interval_s
         elapsed = frame.timestamp - (self._last_detect if self._last_detect is not None else -math.inf)
         # 1 ms of slack: frame times of a 10 frames/s video are 0.1 apart only up to float rounding
-        if elapsed >= interval - 1e-3 or elapsed < 0:
-            self._detected = self.detector.detect(frame.image)
-            self._last_detect = frame.timestamp
-            self.times.add("detect", self._watch.lap())
-        return self._detected
+        if not (elapsed >= interval - 1e-3 or elapsed < 0):
+            return None
+        started = time.monotonic()
+        detections = self.detector.detect(frame.image)
+        self._last_detect = frame.timestamp
+        self.times.add("detect", time.monotonic() - started)
+        return detections
 
-    def _process(self, frame) -> list[FaceObservation]:
-        detections = self._detections(frame)
-        self._watch.lap()  # a reused detection costs nothing: only a real one is timed as "detect"
+    def _process(self, frame, fresh: list[Detection] | None) -> list[FaceObservation]:
+        if fresh is not None:
+            self._detected = fresh
+        detections = self._detected
+        self._watch.lap()
         scores = self.classifier.classify(frame.image, [d.box for d in detections]) if detections else []
         self.times.add("classify", self._watch.lap())
         return [FaceObservation(d, s) for d, s in zip(detections, scores)]
+
+    def _frames(self):
+        """(frame, fresh detections or None) until a finite source ends; (None, None) while a live
+        one has nothing. A file's frames come with their detections from a thread running ahead."""
+        if not self.source.live and not self.source.still:
+            ahead = DetectAhead(self.source, self._detect_if_due)
+            try:
+                while (item := ahead.read()) is not None:
+                    yield item
+            finally:
+                ahead.close()
+            return
+        while True:
+            frame = self.source.read()
+            if frame is None and not self.source.live:
+                return
+            yield frame, None
 
     def run(self) -> RunResult:
         result = RunResult()
@@ -191,9 +214,10 @@ class Agent:
         frame = shown = None
         now = 0.0
         watch = self._watch  # one clock for every stage, _process's included
+        frames = self._frames()
         while not self._stop.is_set():
             frame_started = time.monotonic()
-            frame = self.source.read()
+            frame, fresh = next(frames, (None, None))
             if frame is None:
                 if not self.source.live:
                     break
@@ -209,8 +233,9 @@ class Agent:
             if window is None:
                 window = payloads.SummaryWindow(started=now)
                 next_summary, next_stats = now + m.summary_interval_s, now + m.stats_interval_s
-            watch.lap()
-            observations = self._process(frame)
+            if self.source.live or self.source.still:
+                fresh = self._detect_if_due(frame)
+            observations = self._process(frame, fresh)
             faces, events = self.tracker.update(now, observations)
             if self.source.still:
                 # A still image: hold the same observations while the smoother settles.
@@ -254,6 +279,7 @@ class Agent:
                 self.on_frame()
             self._pace(frame_started)
             watch.lap()
+        frames.close()  # stops DetectAhead's thread
         if self.preview is not None and shown is not None and self.source.still and not result.stopped_by_user:
             self.preview.hold(shown.image, faces, self.times.fps(), self._stop.is_set)
         self.notifier.stopping()

@@ -40,7 +40,8 @@ class StageTimes:
         queue = self.samples.get(stage)
         if not queue:
             return 0.0
-        return float(np.percentile(np.fromiter(queue, float), q)) * 1000
+        snapshot = np.array(list(queue), float)  # DetectAhead's thread may append to "detect" meanwhile
+        return float(np.percentile(snapshot, q)) * 1000
 
     def latency_ms(self) -> dict[str, dict[str, float]]:
         return {s: {"p50": round(self.percentile_ms(s, 50), 3), "p99": round(self.percentile_ms(s, 99), 3)}
