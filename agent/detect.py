@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -18,6 +18,15 @@ logger = logging.getLogger(__name__)
 
 # sigmoid(±80) is still finite in float32; MediaPipe clips raw scores the same way.
 RAW_SCORE_LIMIT = 80.0
+
+
+class PreparedFrame(NamedTuple):
+    tensor: np.ndarray      # the model's input
+    width: int              # of the frame
+    height: int
+    scale: float            # model input pixels per frame pixel
+    pad_x: int              # letterbox offsets in the input
+    pad_y: int
 
 
 class FaceDetector(Protocol):
@@ -87,7 +96,6 @@ class BlazeFaceDetector:
             raise ModelError(f"{model_path}: expected a float32 input, got {np.dtype(inp['dtype']).name}")
         self._input_index = inp["index"]
         self._size = int(shape[1])
-        self._input = np.zeros(shape, np.float32)
         boxes_out = scores_out = None
         for out in self._interpreter.get_output_details():  # by shape: output order varies by export
             if out["shape"][-1] == 16:
@@ -108,6 +116,11 @@ class BlazeFaceDetector:
         self._min_face = min_face_size
 
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        return self.run(self.prepare(image_bgr))
+
+    def prepare(self, image_bgr: np.ndarray) -> PreparedFrame:
+        """The model's input for a frame. Touches no state of the detector, so one thread can
+        prepare the next frame while another runs the model on this one."""
         image = _as_bgr(image_bgr)
         height, width = image.shape[:2]
         side = max(height, width)
@@ -117,11 +130,15 @@ class BlazeFaceDetector:
         # Area averaging: bilinear is 5x cheaper and finds the same dlib-marked faces, but its
         # aliased crops made held expressions late or missed on the real videos (agent.flicker).
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-        canvas = self._input[0]
-        canvas.fill(-1.0)  # black padding, in the model's [-1, 1] range
+        tensor = np.full((1, self._size, self._size, 3), -1.0, np.float32)  # black padding, in [-1, 1]
         rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
-        canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = rgb.astype(np.float32) * (2.0 / 255.0) - 1.0
-        self._interpreter.set_tensor(self._input_index, self._input)
+        tensor[0, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = rgb.astype(np.float32) * (2.0 / 255.0) - 1.0
+        return PreparedFrame(tensor, width, height, scale, pad_x, pad_y)
+
+    def run(self, prepared: PreparedFrame) -> list[Detection]:
+        """Faces in a prepared frame (one thread at a time: the interpreter is not shareable)."""
+        tensor, width, height, scale, pad_x, pad_y = prepared
+        self._interpreter.set_tensor(self._input_index, tensor)
         self._interpreter.invoke()
         raw_scores = self._interpreter.get_tensor(self._scores_index)[0, :, 0]
         keep = np.flatnonzero(raw_scores > self._logit_threshold)

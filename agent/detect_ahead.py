@@ -1,11 +1,12 @@
-"""Face detection a few frames ahead of the loop, on a thread of its own, for file sources.
+"""Face detection a few frames ahead of the loop, on threads of their own, for file sources.
 
 Which frames get a fresh detection depends only on the frames' own timestamps (the detector runs
-at most every `detector.interval_s` of video time), so a thread can read the file and run the
-detector on the due frames while the loop is still classifying the frames before them. The
-results are the same as detecting inline, frame for frame; only the wall time shrinks, as the
-detector (the costliest stage) overlaps the rest on a second core. LiteRT and OpenCV release the
-GIL while they compute, so the overlap is real in CPython.
+at most every `detector.interval_s` of video time), so a thread can read the file, pick the due
+frames and prepare the model's input for them, while a second thread runs the model on the frame
+prepared before, and the loop still classifies the frames before that. The results are the same
+as detecting inline, frame for frame; only the wall time shrinks, as the detector (the costliest
+stage) overlaps the rest. LiteRT and OpenCV release the GIL while they compute, so the overlap is
+real in CPython.
 
 Live sources do not use it: there the loop must take the newest frame, not one queued behind.
 """
@@ -14,24 +15,27 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 from agent.capture import FrameSource
 from agent.types import Detection, Frame
 
-# Frames queued ahead of the loop: enough to ride out one detector run, few enough to hold little.
-DEPTH = 4
-
-DetectIfDue = Callable[[Frame], "list[Detection] | None"]
+# Frames queued ahead of the loop: enough to ride out a detector run, few enough to hold little.
+DEPTH = 6
 
 
 class DetectAhead:
-    """Reads `source` and calls `detect_if_due` on each frame, in order, on its own thread;
-    `read()` hands out (frame, detections or None when none was due), then None at the end."""
+    """Reads `source` in order on its own thread. For each frame `is_due` (called in frame order)
+    says whether it gets a detection; if so `prepare` runs on that thread and `run` on a worker
+    of its own (the interpreter only ever on that one). `read()` hands out (frame, detections or
+    None when none was due), in frame order, then None at the end."""
 
-    def __init__(self, source: FrameSource, detect_if_due: DetectIfDue, depth: int = DEPTH):
+    def __init__(self, source: FrameSource, is_due: Callable[[Frame], bool], prepare: Callable[[Frame], Any],
+                 run: Callable[[Any], list[Detection]], depth: int = DEPTH):
         self._source = source
-        self._detect_if_due = detect_if_due
+        self._is_due, self._prepare, self._run_model = is_due, prepare, run
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._ended = False
@@ -53,7 +57,8 @@ class DetectAhead:
                 frame = self._source.read()
                 if frame is None:
                     break
-                if not self._put((frame, self._detect_if_due(frame))):
+                job = self._worker.submit(self._run_model, self._prepare(frame)) if self._is_due(frame) else None
+                if not self._put((frame, job)):
                     return
         except BaseException as exc:  # handed to the loop, which raises it where it belongs
             self._put(exc)
@@ -69,8 +74,15 @@ class DetectAhead:
             raise item
         if item is None:
             self._ended = True
-        return item
+            return None
+        frame, job = item
+        try:
+            return frame, (job.result() if job is not None else None)
+        except BaseException:
+            self._ended = True
+            raise
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self._worker.shutdown(wait=True, cancel_futures=True)

@@ -159,22 +159,33 @@ class Agent:
             if rest > 0:
                 self._stop.wait(rest)
 
-    def _detect_if_due(self, frame) -> list[Detection] | None:
-        """Fresh detections when one is due (detector.interval_s of the frames' own time), else None.
+    def _is_due(self, frame) -> bool:
+        """Whether this frame gets a fresh detection (at most every detector.interval_s of the
+        frames' own time). Called once per frame, in frame order.
 
         Expressions change within a frame or two, faces move little in a tenth of a second: so the
         cheap classifier runs on every frame, and the detector, the costliest stage, only as often
-        as the interval asks. The tracker still sees a box for every face on every frame. Called
-        in frame order, from the loop or from DetectAhead's thread, never from both."""
+        as the interval asks. The tracker still sees a box for every face on every frame."""
         interval = self.cfg.detector.interval_s
         elapsed = frame.timestamp - (self._last_detect if self._last_detect is not None else -math.inf)
         # 1 ms of slack: frame times of a 10 frames/s video are 0.1 apart only up to float rounding
-        if not (elapsed >= interval - 1e-3 or elapsed < 0):
-            return None
+        if elapsed >= interval - 1e-3 or elapsed < 0:
+            self._last_detect = frame.timestamp
+            return True
+        return False
+
+    def _prepare_detection(self, frame) -> tuple[object, float]:
         started = time.monotonic()
-        detections = self.detector.detect(frame.image)
-        self._last_detect = frame.timestamp
-        self.times.add("detect", time.monotonic() - started)
+        prepare = getattr(self.detector, "prepare", None)
+        prepared = prepare(frame.image) if prepare is not None else frame.image
+        return prepared, time.monotonic() - started
+
+    def _run_detection(self, job: tuple[object, float]) -> list[Detection]:
+        prepared, prepare_s = job
+        started = time.monotonic()
+        run = getattr(self.detector, "run", None)
+        detections = run(prepared) if run is not None else self.detector.detect(prepared)
+        self.times.add("detect", prepare_s + time.monotonic() - started)
         return detections
 
     def _process(self, frame, fresh: list[Detection] | None) -> list[FaceObservation]:
@@ -190,7 +201,7 @@ class Agent:
         """(frame, fresh detections or None) until a finite source ends; (None, None) while a live
         one has nothing. A file's frames come with their detections from a thread running ahead."""
         if not self.source.live and not self.source.still:
-            ahead = DetectAhead(self.source, self._detect_if_due)
+            ahead = DetectAhead(self.source, self._is_due, self._prepare_detection, self._run_detection)
             try:
                 while (item := ahead.read()) is not None:
                     yield item
@@ -233,8 +244,8 @@ class Agent:
             if window is None:
                 window = payloads.SummaryWindow(started=now)
                 next_summary, next_stats = now + m.summary_interval_s, now + m.stats_interval_s
-            if self.source.live or self.source.still:
-                fresh = self._detect_if_due(frame)
+            if (self.source.live or self.source.still) and self._is_due(frame):
+                fresh = self._run_detection(self._prepare_detection(frame))
             observations = self._process(frame, fresh)
             faces, events = self.tracker.update(now, observations)
             if self.source.still:

@@ -22,28 +22,28 @@ class ListSource:
 def test_every_frame_comes_in_order_with_the_detection_made_for_it():
     threads = set()
 
-    def detect_if_due(frame):
+    def run(frame):
         threads.add(threading.current_thread().name)
-        return [frame.index] if frame.index % 3 == 0 else None
+        return [frame.index]
 
-    ahead = DetectAhead(ListSource(50), detect_if_due)
+    ahead = DetectAhead(ListSource(50), lambda frame: frame.index % 3 == 0, lambda frame: frame, run)
     got = []
     while (item := ahead.read()) is not None:
         got.append(item)
     ahead.close()
     assert [f.index for f, _ in got] == list(range(50))
     assert all(d == ([f.index] if f.index % 3 == 0 else None) for f, d in got)
-    assert threads == {"detect-ahead"}  # never the loop's thread
+    assert len(threads) == 1 and threading.current_thread().name not in threads  # one worker, not the loop
     assert ahead.read() is None
 
 
 def test_a_detector_failure_reaches_the_loop():
-    def detect_if_due(frame):
+    def run(frame):
         if frame.index == 5:
             raise RuntimeError("interpreter failed")
-        return None
+        return []
 
-    ahead = DetectAhead(ListSource(10), detect_if_due)
+    ahead = DetectAhead(ListSource(10), lambda frame: True, lambda frame: frame, run)
     with pytest.raises(RuntimeError, match="interpreter failed"):
         while ahead.read() is not None:
             pass
@@ -51,7 +51,7 @@ def test_a_detector_failure_reaches_the_loop():
 
 
 def test_close_stops_a_reader_that_is_ahead():
-    ahead = DetectAhead(ListSource(10_000), lambda frame: None, depth=2)
+    ahead = DetectAhead(ListSource(10_000), lambda frame: False, lambda frame: frame, lambda p: [], depth=2)
     assert ahead.read() is not None
     ahead.close()
     assert not ahead._thread.is_alive()
