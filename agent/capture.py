@@ -246,9 +246,10 @@ class LiveSource:
                 cap.set(prop, value)
         return cap
 
-    def _set_status(self, status: str) -> None:
+    def _set_status(self, status: str, why: str = "") -> None:
         if status != self._status:
-            logger.log(logging.WARNING if status != "ok" else logging.INFO, "camera %s: %s", self._target, status)
+            logger.log(logging.WARNING if status != "ok" else logging.INFO, "camera %s: %s%s", self._target, status,
+                       f" ({why}; retrying with backoff up to every {self._retry_max:g} s)" if why else "")
         with self._cond:
             self._status = status
             self._cond.notify_all()
@@ -258,7 +259,7 @@ class LiveSource:
         while not self._stop.is_set():
             cap = self._open()
             if cap is None:
-                self._set_status("reconnecting")
+                self._set_status("reconnecting", "cannot open it: unplugged, busy, or nothing listening there")
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._retry_max)
                 continue
@@ -287,7 +288,7 @@ class LiveSource:
                     self._cond.notify_all()
             cap.release()
             if not self._stop.is_set():
-                self._set_status("reconnecting")
+                self._set_status("reconnecting", "it stopped giving frames")
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._retry_max)
 

@@ -74,13 +74,17 @@ def test_live_source_reopens_after_the_stream_ends(tmp_path):
         source.close()
 
 
-def test_live_source_that_cannot_open_keeps_retrying_and_says_so(tmp_path):
-    source = LiveSource(str(tmp_path / "unplugged.avi"), retry_initial_s=0.05, retry_max_s=0.1)
-    try:
-        assert source.read(timeout=0.5) is None
-        assert source.status() == "reconnecting"
-    finally:
-        source.close()
+def test_live_source_that_cannot_open_keeps_retrying_and_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="agent.capture"):
+        source = LiveSource(str(tmp_path / "unplugged.avi"), retry_initial_s=0.05, retry_max_s=0.1)
+        try:
+            assert source.read(timeout=0.5) is None
+            assert source.status() == "reconnecting"
+        finally:
+            source.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, "one line when it goes, not one per retry"
+    assert "reconnecting (cannot open it" in said[0] and "up to every 0.1 s" in said[0]
 
 
 @pytest.mark.parametrize("text, kind", [
