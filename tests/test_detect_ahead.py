@@ -55,3 +55,34 @@ def test_close_stops_a_reader_that_is_ahead():
     assert ahead.read() is not None
     ahead.close()
     assert not ahead._thread.is_alive()
+
+
+def test_the_agent_on_a_video_emits_exactly_what_inline_detection_gives(tmp_path):
+    """The loop detecting ahead (a file) against the reference path that detects inline, frame by
+    frame, with the same schedule: the same events, in the same order."""
+    import json
+
+    from agent import payloads
+    from agent.capture import VideoFileSource
+    from agent.config import load_config
+    from agent.flicker import face_sequences, observe_video
+    from agent.mqtt import MemoryPublisher
+    from agent.pipeline import build_agent, make_classifier_from, make_detector_from, make_tracker_from
+    from tests.test_end_to_end import still_video
+
+    video = str(still_video(tmp_path / "clip.avi", seconds=6, fps=10))
+    cfg = load_config(None, {"source": video, "mqtt.topic_prefix": "t/a"})
+    publisher = MemoryPublisher()
+    agent = build_agent(cfg, source=VideoFileSource(video), publisher=publisher)
+    agent.run()
+    agent.source.close()
+    seen = [(m.topic.rsplit("/", 1)[1], json.loads(m.payload)) for m in publisher.messages
+            if m.topic.startswith("t/a/event/")]
+    observed, _ = observe_video(video, make_detector_from(cfg), make_classifier_from(cfg),
+                                detect_interval_s=cfg.detector.interval_s)
+    _, expected = face_sequences(observed, make_tracker_from(cfg))
+    expected = [(payloads.event_kind(e), payloads.event_payload(e, 0.0)) for e in expected]
+    assert len(seen) >= 5  # appeared, first known, ... lost, twice (the face leaves and comes back)
+    strip = ("timestamp",)
+    assert [(k, {f: v for f, v in p.items() if f not in strip}) for k, p in seen] == \
+        [(k, {f: v for f, v in p.items() if f not in strip}) for k, p in expected]
