@@ -24,6 +24,7 @@ from agent.argtypes import make_output_folder, name_part, positive_int
 from agent.capture import VideoFileSource, classify_source
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
+from agent.notify import SystemdNotifier
 from agent.progress import Progress
 from agent.stats import STAGES, StageTimes
 
@@ -57,26 +58,6 @@ class BenchResult:
         return asdict(self)
 
 
-class _FirstFrame:
-    """Stands in for the systemd notifier: notes when the first frame was processed."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-
-    def ready(self) -> None:
-        if self.at is None:
-            self.at = time.perf_counter()
-
-    def watchdog(self) -> None:
-        pass
-
-    def status(self, text: str) -> None:
-        pass
-
-    def stopping(self) -> None:
-        pass
-
-
 def _frame_count(video: str) -> int:
     cap = cv2.VideoCapture(video)
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
@@ -101,10 +82,11 @@ def bench_agent(video: str, config_path: str | None, max_frames: int | None) -> 
     from agent.pipeline import build_agent
 
     cfg = load_config(config_path, {"source": video})
-    agent = build_agent(cfg, source=VideoFileSource(video), publisher=MemoryPublisher())
-    agent.notifier = _FirstFrame()
+    source = VideoFileSource(video)
+    agent = build_agent(cfg, source=source, publisher=MemoryPublisher())
+    agent.notifier = SystemdNotifier({})  # silent: a bench run under systemd must not report READY
     agent.times = StageTimes(window=10 ** 7)
-    total = min(_frame_count(video) or 0, max_frames or 10 ** 9) or None
+    total = min(source.frame_count or 0, max_frames or 10 ** 9) or None
     progress = Progress("agent", total)
 
     def on_frame() -> None:
@@ -128,15 +110,14 @@ def bench_agent(video: str, config_path: str | None, max_frames: int | None) -> 
 # model loading and opening the video included, as a service start would see it.
 _STARTUP_SCRIPT = """
 import sys, time
-from agent.bench import _FirstFrame
-from agent.argtypes import positive_int
 from agent.capture import VideoFileSource
 from agent.config import load_config
 from agent.mqtt import MemoryPublisher
+from agent.notify import SystemdNotifier
 from agent.pipeline import build_agent
 video, config = sys.argv[1], sys.argv[2] or None
 agent = build_agent(load_config(config, {"source": video}), source=VideoFileSource(video), publisher=MemoryPublisher())
-first = agent.notifier = _FirstFrame()
+agent.notifier = SystemdNotifier({})
 agent.on_frame = agent.stop
 agent.run()
 print(time.time(), flush=True)

@@ -68,6 +68,22 @@ def _truncated_jpeg(path: str) -> bool:
     return b"\xff\xd9" not in tail  # a whole JPEG ends with its EOI marker (padding may follow)
 
 
+def put_until_stopped(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` in a bounded queue, waiting for room but not past `stop`; False if stopped."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def camera_device_missing(kind: str, target: int | str) -> bool:
+    """A /dev camera path that is not there now (it is waited for, like an unplugged camera)."""
+    return kind == "camera" and isinstance(target, str) and not Path(target).exists()
+
+
 class ImageSource:
     """A single image file: one frame, then the end."""
 
@@ -142,17 +158,10 @@ class VideoFileSource:
         return cap
 
     def _put(self, item: Frame | None) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._frames.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_stopped(self._frames, item, self._stop)
 
     def _decode(self) -> None:
         index = 0
-        expected = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         try:
             while not self._stop.is_set():
                 ok, image = self._cap.read()
@@ -161,6 +170,7 @@ class VideoFileSource:
                         self._cap.release()
                         self._cap = self._open()
                         continue
+                    expected = self.frame_count
                     if expected and index < expected * 0.98:  # container counts are often off by a frame or two
                         logger.warning("video %s ended after %d of its %d frames: truncated or damaged?",
                                        self._path, index, expected)
@@ -357,7 +367,7 @@ def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool 
         return ImageSource(str(target))
     if kind == "video":
         return VideoFileSource(str(target), realtime=realtime, loop=loop)
-    if isinstance(target, str) and kind == "camera" and not Path(target).exists():
+    if camera_device_missing(kind, target):
         logger.warning("camera device %s is not present (yet): waiting for it", target)
     options = {}
     if camera is not None:

@@ -9,13 +9,15 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from agent import __version__
 from agent.argtypes import port, seconds
 from agent.config import Config, load_config, read_password
 from agent.errors import AgentError, ConfigError, SourceError
+
+if TYPE_CHECKING:  # paho and OpenCV load only when running
+    from agent.mqtt import MqttPublisher
 
 logger = logging.getLogger("agent")
 
@@ -71,7 +73,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.capture import classify_source  # OpenCV: only once the config itself is valid
+    from agent.capture import camera_device_missing, classify_source  # OpenCV: once the config is valid
 
     cfg = load_config(args.file)
     try:
@@ -86,8 +88,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         check_tls_files(cfg.mqtt.tls.ca_file, cfg.mqtt.tls.cert_file, cfg.mqtt.tls.key_file)
     make_detector_from(cfg)
     make_classifier_from(cfg)
-    waiting = " (not present now: run waits for it)" if kind == "camera" and isinstance(target, str) \
-        and not Path(target).exists() else ""
+    waiting = " (not present now: run waits for it)" if camera_device_missing(kind, target) else ""
     print(f"{args.file}: OK (source {cfg.source}: {kind}{waiting}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
           f"detector {cfg.detector.kind})")
     return 0
@@ -182,7 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
 
 
-def _same_connection(old: Config, new: Config, publisher) -> bool:
+def _same_connection(old: Config, new: Config, publisher: MqttPublisher) -> bool:
     """Whether a reload can keep the publisher: the same mqtt section and the same password."""
     if new.mqtt != old.mqtt:
         return False
@@ -190,7 +191,7 @@ def _same_connection(old: Config, new: Config, publisher) -> bool:
         password = read_password(new.mqtt) if new.mqtt.username else None
     except ConfigError:
         return False
-    return password == getattr(getattr(publisher, "settings", None), "password", None)
+    return password == publisher.settings.password
 
 
 COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}

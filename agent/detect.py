@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -30,8 +30,15 @@ class PreparedFrame(NamedTuple):
 
 
 class FaceDetector(Protocol):
+    """`detect(image)` is `run(prepare(image))`: split so one thread can prepare the next frame's
+    input while another runs the model (prepare touches no state of the detector)."""
+
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         """Faces in a BGR (or gray) frame: boxes in its pixels, clipped to it, scores in [0, 1]."""
+
+    def prepare(self, image_bgr: np.ndarray) -> Any: ...
+
+    def run(self, prepared: Any) -> list[Detection]: ...
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:
@@ -179,6 +186,12 @@ class HaarDetector:
         self._scale, self._neighbors, self._min = scale_factor, min_neighbors, max(1, min_size)
 
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        return self.run(self.prepare(image_bgr))
+
+    def prepare(self, image_bgr: np.ndarray) -> np.ndarray:
+        return image_bgr  # the cascade's own work is all in run
+
+    def run(self, image_bgr: np.ndarray) -> list[Detection]:
         if image_bgr.ndim == 2:
             gray = image_bgr
         elif image_bgr.shape[2] == 1:

@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from agent.capture import FrameSource
+from agent.capture import FrameSource, put_until_stopped
 from agent.types import Detection, Frame
 
 # Frames queued ahead of the loop: enough to ride out a detector run, few enough to hold little.
@@ -43,13 +43,7 @@ class DetectAhead:
         self._thread.start()
 
     def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_stopped(self._queue, item, self._stop)
 
     def _run(self) -> None:
         try:

@@ -119,7 +119,6 @@ class MqttPublisher:
 
     # --- setup -------------------------------------------------------------------------------
 
-
     @property
     def settings(self) -> BrokerSettings:
         return self._s

@@ -175,17 +175,15 @@ class Agent:
         return False
 
     def _prepare_detection(self, frame) -> tuple[object, float]:
-        started = time.monotonic()
-        prepare = getattr(self.detector, "prepare", None)
-        prepared = prepare(frame.image) if prepare is not None else frame.image
-        return prepared, time.monotonic() - started
+        started = time.perf_counter()
+        prepared = self.detector.prepare(frame.image)
+        return prepared, time.perf_counter() - started
 
     def _run_detection(self, job: tuple[object, float]) -> list[Detection]:
         prepared, prepare_s = job
-        started = time.monotonic()
-        run = getattr(self.detector, "run", None)
-        detections = run(prepared) if run is not None else self.detector.detect(prepared)
-        self.times.add("detect", prepare_s + time.monotonic() - started)
+        started = time.perf_counter()
+        detections = self.detector.run(prepared)
+        self.times.add("detect", prepare_s + time.perf_counter() - started)
         return detections
 
     def _process(self, frame, fresh: list[Detection] | None) -> list[FaceObservation]:
@@ -197,16 +195,17 @@ class Agent:
         self.times.add("classify", self._watch.lap())
         return [FaceObservation(d, s) for d, s in zip(detections, scores)]
 
-    def _frames(self):
+    def _frames(self, ahead: bool):
         """(frame, fresh detections or None) until a finite source ends; (None, None) while a live
-        one has nothing. A file's frames come with their detections from a thread running ahead."""
-        if not self.source.live and not self.source.still:
-            ahead = DetectAhead(self.source, self._is_due, self._prepare_detection, self._run_detection)
+        one has nothing. With `ahead`, the detections come from a thread running ahead; without,
+        always None (the loop detects)."""
+        if ahead:
+            reader = DetectAhead(self.source, self._is_due, self._prepare_detection, self._run_detection)
             try:
-                while (item := ahead.read()) is not None:
+                while (item := reader.read()) is not None:
                     yield item
             finally:
-                ahead.close()
+                reader.close()
             return
         while True:
             frame = self.source.read()
@@ -225,7 +224,9 @@ class Agent:
         frame = shown = None
         now = 0.0
         watch = self._watch  # one clock for every stage, _process's included
-        frames = self._frames()
+        # A file is detected ahead of the loop; a live source (newest frame only) or a still image inline.
+        detect_inline = self.source.live or self.source.still
+        frames = self._frames(ahead=not detect_inline)
         while not self._stop.is_set():
             frame_started = time.monotonic()
             frame, fresh = next(frames, (None, None))
@@ -244,7 +245,7 @@ class Agent:
             if window is None:
                 window = payloads.SummaryWindow(started=now)
                 next_summary, next_stats = now + m.summary_interval_s, now + m.stats_interval_s
-            if (self.source.live or self.source.still) and self._is_due(frame):
+            if detect_inline and self._is_due(frame):
                 fresh = self._run_detection(self._prepare_detection(frame))
             observations = self._process(frame, fresh)
             faces, events = self.tracker.update(now, observations)

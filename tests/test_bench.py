@@ -1,15 +1,12 @@
-"""`emotion-agent bench` and progress reporting."""
+"""`emotion-agent bench`."""
 
-import io
 import json
-import logging
 import subprocess
 import sys
 
 import pytest
 
 from agent.cli import main
-from agent.progress import Progress
 from tests.test_end_to_end import still_video
 
 
@@ -67,32 +64,6 @@ def test_bench_bad_input_is_one_line_before_any_measuring(tmp_path, capsys, smil
     assert code != 0 and captured.out == ""
     assert message.format(**names) in captured.err and captured.err.count("error:") == 1
     assert "Traceback" not in captured.err
-
-
-class FakeTerminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_draws_a_bar_on_a_terminal():
-    stream = FakeTerminal()
-    progress = Progress("agent", 10, stream=stream)
-    for _ in range(10):
-        progress.update()
-    progress.close()
-    assert "\r" in stream.getvalue() and "10/10 (100%" in stream.getvalue() and "[####" in stream.getvalue()
-
-
-def test_progress_logs_plain_lines_elsewhere(caplog):
-    stream = io.StringIO()
-    with caplog.at_level(logging.INFO, logger="agent.progress"):
-        progress = Progress("agent", 4, stream=stream, log_every_s=0)
-        for _ in range(4):
-            progress.update()
-        progress.close()
-    assert stream.getvalue() == ""  # no carriage-return bar in a log
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) >= 4 and lines[-1] == lines[-1].strip() and "finished 4/4" in lines[-1]
 
 
 def test_bench_without_tensorflow_says_so_before_measuring(tmp_path, capsys, monkeypatch):

@@ -10,16 +10,13 @@ from agent.classify import TFLiteEmotionClassifier, crop_face, default_model_pat
 from agent.errors import ModelError
 from agent.types import Box, Emotion
 
-from conftest import astronaut_bgr, grace_hopper_path
+from conftest import astronaut_bgr
+from sample_photos import grace_hopper_bgr
 
 MODELS = ("emotion_minixception_float32.tflite", "emotion_minixception_int8.tflite")
 # Face boxes found by OpenCV's Haar cascade (frontalface_default, scale 1.1, 5 neighbours).
 ASTRONAUT_FACE = Box(177, 66, 95, 95)  # Eileen Collins, smiling
 HOPPER_FACE = Box(155, 105, 222, 222)  # Grace Hopper, a straight face
-
-
-def grace_hopper_bgr() -> np.ndarray:
-    return cv2.imread(str(grace_hopper_path()))
 
 
 @pytest.fixture(scope="module", params=MODELS)

@@ -12,14 +12,20 @@ from tests.test_end_to_end import still_video
 
 
 class CountingDetector:
-    """Wraps the real detector and counts its calls."""
+    """Wraps the real detector and counts its runs (the loop calls prepare, then run)."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, 0
 
     def detect(self, image):
+        return self.run(self.prepare(image))
+
+    def prepare(self, image):
+        return self.inner.prepare(image)
+
+    def run(self, prepared):
         self.calls += 1
-        return self.inner.detect(image)
+        return self.inner.run(prepared)
 
 
 def make_agent(tmp_path, interval_s: float, seconds: float = 3.0):

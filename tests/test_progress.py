@@ -6,19 +6,41 @@ import logging
 from agent.progress import Progress
 
 
-class Terminal(io.StringIO):
+class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
 
 
+def test_progress_draws_a_bar_on_a_terminal():
+    stream = FakeTerminal()
+    progress = Progress("agent", 10, stream=stream)
+    for _ in range(10):
+        progress.update()
+    progress.close()
+    assert "\r" in stream.getvalue() and "10/10 (100%" in stream.getvalue() and "[####" in stream.getvalue()
+
+
+def test_progress_logs_plain_lines_elsewhere(caplog):
+    stream = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="agent.progress"):
+        progress = Progress("agent", 4, stream=stream, log_every_s=0)
+        for _ in range(4):
+            progress.update()
+        progress.close()
+    assert stream.getvalue() == ""  # no carriage-return bar in a log
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) >= 4 and lines[-1] == lines[-1].strip() and "finished 4/4" in lines[-1]
+
+
 def test_on_a_terminal_a_bar_is_redrawn_in_place_and_ended_with_a_newline(caplog):
-    screen = Terminal()
+    screen = FakeTerminal()
     progress = Progress("agent", 4, stream=screen)
     for _ in range(4):
         progress.update()
     progress.close()
     text = screen.getvalue()
-    assert text.startswith("\ragent: [") and text.endswith("4/4 (100%, " + text.rsplit("(100%, ", 1)[1])
+    last_draw = text.rsplit("\r", 1)[1]
+    assert text.startswith("\ragent: [") and last_draw.startswith("agent: [") and "] 4/4 (100%, " in last_draw
     assert text.endswith("/s)\n") and text.count("\n") == 1
     assert not caplog.records
 
