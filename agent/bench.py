@@ -24,6 +24,7 @@ from agent.argtypes import make_output_folder, name_part, positive_int
 from agent.capture import VideoFileSource, classify_source
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
+from agent.machine import describe, format_machine
 from agent.notify import SystemdNotifier
 from agent.progress import Progress
 from agent.stats import STAGES, StageTimes
@@ -53,6 +54,7 @@ class BenchResult:
     decode_only: PipelineFigures | None = None
     classic: PipelineFigures | None = None
     ratios: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=describe)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -227,7 +229,8 @@ def run_bench(video: str, *, config_path: str | None = None, max_frames: int | N
 
 
 def format_report(r: BenchResult) -> str:
-    lines = [f"video: {r.video} ({r.frames_in_video} frames); each pipeline's fastest of {r.rounds} round(s)",
+    lines = [format_machine(r.machine),
+             f"video: {r.video} ({r.frames_in_video} frames); each pipeline's fastest of {r.rounds} round(s)",
              f"agent: {r.agent.fps:.1f} frames/s over {r.agent.frames} frames, "
              f"{r.agent.cpu_s_per_frame * 1000:.2f} ms CPU/frame, start-up to first frame {r.startup_s:.2f} s, "
              f"peak RSS {r.peak_rss_mib:.0f} MiB, {r.events} events",

@@ -26,6 +26,8 @@ def test_bench_reports_every_figure_for_the_agent_and_decode_only(tmp_path, caps
                                                                      rel=0.01)
     assert report["events"] >= 3  # appeared, emotion known, lost (twice: the clip has a gap)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["fps_clip.png", "latency_clip.png"]
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["arch"] and "ai-edge-litert" in machine["packages"]
 
 
 def test_bench_plot_name_replaces_the_video_name(tmp_path, capsys):
@@ -116,3 +118,37 @@ def test_the_up_front_tensorflow_check_does_not_load_it_into_the_measured_proces
     probe = ("import sys; from agent.classic import check_tensorflow_installed; check_tensorflow_installed(); "
              "sys.exit('tensorflow' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model\t\t: 49
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx fma f16c avx2 bmi2
+"""
+PI5_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU part\t: 0xd0b
+
+Revision\t: d04170
+Model\t\t: Raspberry Pi 5 Model B Rev 1.0
+"""
+
+
+@pytest.mark.parametrize("text, model, simd", [
+    (X86_CPUINFO, "AMD EPYC", ["avx2", "fma"]),
+    (PI5_CPUINFO, "Raspberry Pi 5 Model B Rev 1.0", ["asimd", "asimddp", "asimdhp"]),
+    ("", "", []),
+])
+def test_the_machine_line_names_the_cpu_and_the_extensions_litert_picks_kernels_by(text, model, simd):
+    from agent.machine import parse_cpuinfo
+
+    assert parse_cpuinfo(text) == (model, simd)
+
+
+def test_the_text_report_starts_with_the_machine(tmp_path, capsys):
+    video = still_video(tmp_path / "clip.avi", seconds=1)
+    assert main(["bench", str(video), "--no-classic", "--no-decode", "--rounds", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("machine: ") and " cores, " in first and "ai-edge-litert" in first
