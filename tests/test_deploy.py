@@ -31,15 +31,29 @@ def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.Complete
                           timeout=300, cwd=cwd)
 
 
+# What the agent imports at run time, as install.sh's `python3` would find it.
+RUNTIME_IMPORTS = "import cv2, numpy, yaml, paho.mqtt.client, ai_edge_litert.interpreter"
+
+
+def system_python_has_the_dependencies() -> bool:
+    done = subprocess.run(["python3", "-c", RUNTIME_IMPORTS], capture_output=True, timeout=120)
+    return done.returncode == 0
+
+
 def offline_pip_args() -> str:
     """Install only the project, with the packages already here, and build it without the network
-    when this Python can (setuptools >= 70.1 builds wheels itself; older needs `wheel`)."""
+    when this Python can (setuptools >= 70.1 builds wheels itself; older needs `wheel`).
+
+    The scratch venv sees the system Python's packages (--system-site-packages), not this test
+    run's venv: where the system Python lacks the runtime dependencies (a fresh machine), pip
+    installs them as a user's install would, from its cache or the package index."""
     import setuptools
 
     major, minor = (int(p) for p in setuptools.__version__.split(".")[:2])
     can_build = (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+    deps = "--no-deps" if system_python_has_the_dependencies() else ""
     # Otherwise pip fetches setuptools for an isolated build: the one download of this file.
-    return "--no-deps --no-build-isolation" if can_build else "--no-deps"
+    return f"{deps} --no-build-isolation".strip() if can_build else deps
 
 
 def install(root: Path, *extra: str) -> subprocess.CompletedProcess:
