@@ -86,6 +86,27 @@ def test_bench_rounds_report_each_pipelines_fastest_round(tmp_path, capsys):
     assert len(report["fps_by_round"]["agent"]) == len(report["fps_by_round"]["decode_only"]) == 2
     assert report["agent"]["fps"] == max(report["fps_by_round"]["agent"])
     assert report["decode_only"]["fps"] == max(report["fps_by_round"]["decode_only"])
+    # each round's agent against the decode-only run of the same round, not the fastest of all
+    rounds = zip(report["fps_by_round"]["agent"], report["fps_by_round"]["decode_only"])
+    assert report["ratios_by_round"]["agent_vs_decode_only"] == [pytest.approx(a / d, abs=1e-3) for a, d in rounds]
+
+
+def test_bench_report_shows_each_rounds_ratio_to_the_classic_pipeline_and_their_median():
+    from agent.bench import BenchResult, PipelineFigures, format_report
+
+    def figures(fps: float) -> PipelineFigures:
+        return PipelineFigures(frames=100, seconds=100 / fps, fps=fps, cpu_s_per_frame=0.004)
+
+    result = BenchResult(video="clip.mp4", frames_in_video=100, agent=figures(315.4), startup_s=0.5,
+                         peak_rss_mib=115.0, events=3, rounds=3, classic=figures(18.6),
+                         fps_by_round={"agent": [315.4, 290.0, 280.9], "classic": [18.6, 17.9, 18.1]},
+                         ratios={"agent_vs_classic": 16.96},
+                         ratios_by_round={"agent_vs_classic": [16.96, 16.2, 15.52]},
+                         machine={"cpu": "test CPU", "arch": "x86_64", "cores": 2, "simd": [], "python": "3.11",
+                                  "packages": {}})
+    lines = format_report(result).splitlines()
+    assert lines[-1] == "agent / classic by round: 17.0x, 16.2x, 15.5x (median 16.2x)"
+    assert "agent / classic = 17.0x" in lines[-3]
 
 
 @pytest.mark.parametrize("flag", ["--rounds", "--max-frames"])
