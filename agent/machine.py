@@ -1,9 +1,10 @@
 """What a benchmark ran on: CPU model, cores, the vector extensions that decide LiteRT's speed, and
 the versions of the libraries doing the work.
 
-The same VM can land on different hosts from one day to the next. On one with AVX-512 VNNI the
-int8 emotion model beats float32; on an AVX2-only one it is the slower of the two, and BlazeFace
-takes twice as long. Figures from different days only compare with these lines beside them.
+The same VM can land on different hosts from one day to the next. On one host the int8 emotion
+model beat float32; on an AVX2-only one it is the slower of the two, and BlazeFace took two to
+four times as long (docs/benchmarks.md). Figures from different days only compare with these
+lines beside them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ SIMD_FLAGS = (
     "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",  # x86-64
     "asimd", "asimddp", "asimdhp", "i8mm", "sve",                                    # arm64 (Pi 4: asimd; Pi 5: +asimddp)
 )
-PACKAGES = ("ai-edge-litert", "opencv-python", "numpy", "tensorflow")
+# Whichever of these are installed: the runtimes the interpreter loader may pick, both OpenCV wheels.
+PACKAGES = ("ai-edge-litert", "tflite-runtime", "opencv-python", "opencv-python-headless", "numpy", "tensorflow")
 
 
 def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
