@@ -56,7 +56,7 @@ class BenchResult:
     decode_only: PipelineFigures | None = None
     classic: PipelineFigures | None = None
     ratios: dict = field(default_factory=dict)
-    machine: dict = field(default_factory=describe)
+    machine: dict = field(default_factory=dict)  # agent.machine.describe(), filled in by run_bench
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -219,7 +219,7 @@ def run_bench(video: str, *, config_path: str | None = None, max_frames: int | N
     agent = _fastest(runs["agent"])
     result = BenchResult(video=video, frames_in_video=_frame_count(video), agent=agent,
                          startup_s=measure_startup(video, config_path), peak_rss_mib=round(peak_rss, 1),
-                         events=events, rounds=max(1, rounds),
+                         events=events, rounds=max(1, rounds), machine=describe(),
                          fps_by_round={k: [f.fps for f in v] for k, v in runs.items() if v})
     if decode:
         result.decode_only = _fastest(runs["decode_only"])
@@ -239,12 +239,12 @@ def _round_ratios(agent: list[PipelineFigures], reference: list[PipelineFigures]
 
 
 def format_report(r: BenchResult) -> str:
-    lines = [format_machine(r.machine),
-             f"video: {r.video} ({r.frames_in_video} frames); each pipeline's fastest of {r.rounds} round(s)",
-             f"agent: {r.agent.fps:.1f} frames/s over {r.agent.frames} frames, "
-             f"{r.agent.cpu_s_per_frame * 1000:.2f} ms CPU/frame, start-up to first frame {r.startup_s:.2f} s, "
-             f"peak RSS {r.peak_rss_mib:.0f} MiB, {r.events} events",
-             "  stage       p50 ms    p99 ms"]
+    lines = [format_machine(r.machine)] if r.machine else []
+    lines += [f"video: {r.video} ({r.frames_in_video} frames); each pipeline's fastest of {r.rounds} round(s)",
+              f"agent: {r.agent.fps:.1f} frames/s over {r.agent.frames} frames, "
+              f"{r.agent.cpu_s_per_frame * 1000:.2f} ms CPU/frame, start-up to first frame {r.startup_s:.2f} s, "
+              f"peak RSS {r.peak_rss_mib:.0f} MiB, {r.events} events",
+              "  stage       p50 ms    p99 ms"]
     for stage, q in r.agent.latency_ms.items():
         lines.append(f"  {stage:<10}{q['p50']:>8.3f}  {q['p99']:>8.3f}")
     if r.decode_only:

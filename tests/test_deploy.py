@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import importlib.util
 import os
 import shutil
@@ -35,6 +36,7 @@ def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.Complete
 RUNTIME_IMPORTS = "import cv2, numpy, yaml, paho.mqtt.client, ai_edge_litert.interpreter"
 
 
+@functools.cache  # asked once per test run, not once per scratch install
 def system_python_has_the_dependencies() -> bool:
     done = subprocess.run(["python3", "-c", RUNTIME_IMPORTS], capture_output=True, timeout=120)
     return done.returncode == 0
