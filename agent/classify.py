@@ -6,7 +6,6 @@ The model contract (see models/MODELS.md): one image input (1, H, W, 1) of gray 
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -16,12 +15,13 @@ import numpy as np
 
 from agent.errors import ModelError
 from agent.interpreter import load_interpreter
+from agent.model_files import DEFAULT_EMOTION_MODEL, default_model_path, resolve_model_path  # noqa: F401 (re-exported)
 from agent.types import EMOTIONS, Box, EmotionScores
 
 logger = logging.getLogger(__name__)
 
-# float32 and int8 score the same on FER2013 PublicTest; int8 is the faster (models/MODELS.md).
-DEFAULT_MODEL = "emotion_minixception_int8.tflite"
+# float32 and int8 score the same on FER2013 PublicTest; why int8 is the default: models/MODELS.md.
+DEFAULT_MODEL = DEFAULT_EMOTION_MODEL
 
 
 class EmotionClassifier(Protocol):
@@ -34,18 +34,6 @@ class CroppedFaceClassifier(Protocol):
     def classify_faces(self, gray_faces: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(N, 7) probabilities for N already-cropped uint8 gray faces of any size."""
         ...
-
-
-def default_model_path(name: str = DEFAULT_MODEL) -> Path:
-    """A model file shipped in the package `agent.models` (the repository's models/ folder)."""
-    try:
-        resource = importlib.resources.files("agent.models") / name
-        if isinstance(resource, Path) and resource.is_file():
-            return resource
-    except ModuleNotFoundError:
-        pass
-    # A source tree that was never installed: models/ is not importable as agent.models.
-    return Path(__file__).resolve().parents[1] / "models" / name
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:

@@ -49,6 +49,30 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def quantize(values: np.ndarray, quantization: tuple[float, int], dtype: np.dtype) -> np.ndarray:
+    """Real values to a quantized tensor's codes (rounded, saturated)."""
+    scale, zero_point = quantization
+    info = np.iinfo(dtype)
+    return np.clip(np.round(values / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def dequantize(codes: np.ndarray, quantization: tuple[float, int] | None) -> np.ndarray:
+    """A quantized tensor's codes to float32 (a float tensor, quantization None, as it is)."""
+    if quantization is None:
+        return codes.astype(np.float32, copy=False)
+    scale, zero_point = quantization
+    return (codes.astype(np.float32) - zero_point) * np.float32(scale)
+
+
+def _output_quantization(detail: dict) -> tuple[float, int] | None:
+    if np.dtype(detail["dtype"]) == np.float32:
+        return None
+    scale, zero_point = detail["quantization"]
+    if not scale:
+        raise ModelError(f"output {detail['name']!r} is quantized but has no scale")
+    return float(scale), int(zero_point)
+
+
 def ssd_anchor_centres(input_size: int, stride: int, offset: float = 0.5) -> np.ndarray:
     """(N, 2) anchor centres in [0, 1] of a one-layer, one-anchor-per-cell SSD grid (the
     full-range model: 192 / 4 = 48 cells a side, 2304 anchors)."""
@@ -89,6 +113,8 @@ class BlazeFaceDetector:
     """MediaPipe BlazeFace full-range: 192x192 RGB in [-1, 1], 2304 anchors, one stride-4 layer.
 
     The frame is letterboxed to the square input (aspect ratio kept), so boxes map back exactly.
+    The float model and its int8 build (agent.convert_detector) both load: a quantized input is
+    filled from the pixels through a table, quantized outputs are dequantized where read.
     """
 
     def __init__(self, model_path: Path | str, score_threshold: float = 0.5, nms_iou: float = 0.3,
@@ -98,20 +124,27 @@ class BlazeFaceDetector:
         shape = tuple(int(v) for v in inp["shape"])
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
             raise ModelError(f"{model_path}: not a BlazeFace model (expected a square RGB input, got {shape})")
-        if inp["dtype"] != np.float32:
-            # the [-1, 1] scaling below is the float model's; a quantized export needs its own
-            raise ModelError(f"{model_path}: expected a float32 input, got {np.dtype(inp['dtype']).name}")
+        self._input_dtype = np.dtype(inp["dtype"])
+        if self._input_dtype == np.float32:
+            self._pixel_lut = None
+        elif self._input_dtype in (np.int8, np.uint8) and inp["quantization"][0]:
+            # A quantized input: each 0..255 pixel maps to its code through one table look-up.
+            self._pixel_lut = quantize(np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0,
+                                       inp["quantization"], self._input_dtype)
+        else:
+            raise ModelError(f"{model_path}: unsupported BlazeFace input type {self._input_dtype.name}")
         self._input_index = inp["index"]
         self._size = int(shape[1])
         boxes_out = scores_out = None
         for out in self._interpreter.get_output_details():  # by shape: output order varies by export
             if out["shape"][-1] == 16:
-                boxes_out = out["index"]
+                boxes_out = out
             elif out["shape"][-1] == 1:
-                scores_out = out["index"]
+                scores_out = out
         if boxes_out is None or scores_out is None:
             raise ModelError(f"{model_path}: not a BlazeFace model (no (N,16) boxes and (N,1) scores outputs)")
-        self._boxes_index, self._scores_index = boxes_out, scores_out
+        self._boxes_index, self._scores_index = boxes_out["index"], scores_out["index"]
+        self._boxes_quant, self._scores_quant = _output_quantization(boxes_out), _output_quantization(scores_out)
         count = int(self._interpreter.get_output_details()[0]["shape"][1])
         self._anchors = ssd_anchor_centres(self._size, stride=4)
         if len(self._anchors) != count:
@@ -119,6 +152,9 @@ class BlazeFaceDetector:
         # logit threshold: compare raw scores without a sigmoid over every anchor
         clipped = min(max(score_threshold, 1e-6), 1 - 1e-6)
         self._logit_threshold = float(np.log(clipped / (1 - clipped)))
+        if self._scores_quant is not None:  # compare the raw codes: the threshold as a code
+            scale, zero_point = self._scores_quant
+            self._logit_threshold = self._logit_threshold / scale + zero_point
         self._nms_iou = nms_iou
         self._min_face = min_face_size
 
@@ -137,9 +173,13 @@ class BlazeFaceDetector:
         # Area averaging: bilinear is 5x cheaper and finds the same dlib-marked faces, but its
         # aliased crops made held expressions late or missed on the real videos (agent.flicker).
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-        tensor = np.full((1, self._size, self._size, 3), -1.0, np.float32)  # black padding, in [-1, 1]
         rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
-        tensor[0, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = rgb.astype(np.float32) * (2.0 / 255.0) - 1.0
+        if self._pixel_lut is None:
+            tensor = np.full((1, self._size, self._size, 3), -1.0, np.float32)  # black padding, in [-1, 1]
+            tensor[0, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = rgb.astype(np.float32) * (2.0 / 255.0) - 1.0
+        else:
+            tensor = np.full((1, self._size, self._size, 3), self._pixel_lut[0], self._input_dtype)
+            tensor[0, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = self._pixel_lut[rgb]
         return PreparedFrame(tensor, width, height, scale, pad_x, pad_y)
 
     def run(self, prepared: PreparedFrame) -> list[Detection]:
@@ -151,12 +191,13 @@ class BlazeFaceDetector:
         keep = np.flatnonzero(raw_scores > self._logit_threshold)
         if keep.size == 0:
             return []
-        raw = self._interpreter.get_tensor(self._boxes_index)[0, keep, :4] / self._size
+        raw = dequantize(self._interpreter.get_tensor(self._boxes_index)[0, keep, :4], self._boxes_quant) / self._size
+        logits = dequantize(raw_scores[keep], self._scores_quant)
         centres = raw[:, :2] + self._anchors[keep]
         half = raw[:, 2:4] / 2
         boxes = np.concatenate([centres - half, centres + half], axis=1)
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores[keep], -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
         boxes, scores = weighted_nms(boxes[valid], scores[valid], self._nms_iou)
         # undo the letterbox: input-normalised -> frame pixels
         boxes *= self._size

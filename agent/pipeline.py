@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 
 from agent import payloads
 from agent.capture import FrameSource, make_source
-from agent.classify import EmotionClassifier, TFLiteEmotionClassifier, default_model_path
+from agent.classify import EmotionClassifier, TFLiteEmotionClassifier
+from agent.model_files import default_model_path, resolve_model_path
 from agent.config import PASSWORD_ENV, Config, client_id, hostname, read_password, topic_root
 from agent.detect import FaceDetector, make_detector
 from agent.detect_ahead import DetectAhead
@@ -38,7 +39,8 @@ STILL_IMAGE_STEP_S = 0.1
 
 def make_detector_from(cfg: Config) -> FaceDetector:
     d = cfg.detector
-    return make_detector(d.kind, model_path=d.model or default_model_path("face_detection_full_range.tflite"),
+    model = resolve_model_path(d.model) if d.model else default_model_path("face_detection_full_range.tflite")
+    return make_detector(d.kind, model_path=model,
                          score_threshold=d.score_threshold, nms_iou=d.nms_iou, threads=d.threads,
                          haar_scale_factor=d.haar_scale_factor, haar_min_neighbors=d.haar_min_neighbors,
                          min_face_size=d.min_face_size)
@@ -46,7 +48,8 @@ def make_detector_from(cfg: Config) -> FaceDetector:
 
 def make_classifier_from(cfg: Config) -> EmotionClassifier:
     c = cfg.classifier
-    return TFLiteEmotionClassifier(c.model or default_model_path(), crop_margin=c.crop_margin, threads=c.threads)
+    model = resolve_model_path(c.model) if c.model else default_model_path()
+    return TFLiteEmotionClassifier(model, crop_margin=c.crop_margin, threads=c.threads)
 
 
 def make_tracker_from(cfg: Config) -> FaceStateTracker:

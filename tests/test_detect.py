@@ -3,27 +3,31 @@ import numpy as np
 import pytest
 
 from agent.classify import default_model_path
-from agent.detect import BlazeFaceDetector, HaarDetector, make_detector, ssd_anchor_centres, weighted_nms
+from agent.detect import (BlazeFaceDetector, HaarDetector, dequantize, make_detector, quantize, ssd_anchor_centres,
+                          weighted_nms)
 from agent.errors import ModelError
 from agent.types import Box
 from tests.conftest import astronaut_bgr, grace_hopper_path
+from tests.sample_photos import two_faces_bgr
 
 MODEL = default_model_path("face_detection_full_range.tflite")
+INT8_MODEL = default_model_path("face_detection_full_range_int8.tflite")
 # Boxes read off the photos by eye: the face from hairline to chin.
 ASTRONAUT_FACE = Box(175, 45, 120, 150)
 HOPPER_FACE = Box(170, 80, 190, 250)
 
 
-@pytest.fixture(scope="module")
-def blazeface():
-    return BlazeFaceDetector(MODEL, min_face_size=0)
+@pytest.fixture(scope="module", params=[MODEL, INT8_MODEL], ids=["float", "int8"])
+def blazeface(request):
+    return BlazeFaceDetector(request.param, min_face_size=0)
 
 
-@pytest.mark.parametrize("detector_kind", ["blazeface", "haar"])
+@pytest.mark.parametrize("detector_kind, model", [("blazeface", MODEL), ("blazeface", INT8_MODEL), ("haar", MODEL)],
+                         ids=["blazeface", "blazeface-int8", "haar"])
 @pytest.mark.parametrize("photo, face", [("astronaut", ASTRONAUT_FACE), ("hopper", HOPPER_FACE)])
-def test_each_detector_finds_the_one_face_in_a_portrait(detector_kind, photo, face):
+def test_each_detector_finds_the_one_face_in_a_portrait(detector_kind, model, photo, face):
     image = astronaut_bgr() if photo == "astronaut" else cv2.imread(str(grace_hopper_path()))
-    detector = make_detector(detector_kind, model_path=MODEL, min_face_size=24)
+    detector = make_detector(detector_kind, model_path=model, min_face_size=24)
     found = detector.detect(image)
     assert len(found) == 1
     assert found[0].box.iou(face) >= 0.5, found[0].box
@@ -71,6 +75,37 @@ def test_weighted_nms_merges_a_cluster_into_its_weighted_mean():
     merged, kept = weighted_nms(boxes, scores, 0.3)
     assert len(merged) == 2 and kept.tolist() == pytest.approx([0.9, 0.8])
     assert merged[0] == pytest.approx([0.25, 0.25, 10.25, 10.25])
+
+
+def test_int8_detector_finds_the_float_detectors_faces_with_about_its_boxes_and_scores():
+    image = two_faces_bgr()
+    by_float = BlazeFaceDetector(MODEL).detect(image)
+    by_int8 = BlazeFaceDetector(INT8_MODEL).detect(image)
+    assert len(by_float) == len(by_int8) == 2
+    for f in by_float:
+        match = max(by_int8, key=lambda d: d.box.iou(f.box))
+        assert match.box.iou(f.box) >= 0.85 and abs(match.score - f.score) <= 0.1, (f, match)
+
+
+def test_quantize_saturates_and_dequantize_inverts_it():
+    codes = quantize(np.array([-1.0, 0.0, 0.5, 9.0]), (0.01, 5), np.dtype(np.int8))
+    assert codes.tolist() == [-95, 5, 55, 127]
+    assert dequantize(codes, (0.01, 5)).tolist() == pytest.approx([-1.0, 0.0, 0.5, 1.22])
+    floats = np.array([0.25], np.float32)
+    assert dequantize(floats, None) is floats  # a float output is read as it is
+
+
+def test_quantized_input_is_the_float_input_in_codes():
+    detector = BlazeFaceDetector(INT8_MODEL)
+    frame = np.zeros((90, 160, 3), np.uint8)
+    frame[:, :80] = 255  # left half white, right half black
+    prepared = detector.prepare(frame)
+    details = detector._interpreter.get_input_details()[0]
+    assert prepared.tensor.dtype == details["dtype"] == np.int8
+    black, white = quantize(np.array([-1.0, 1.0]), details["quantization"], np.dtype(np.int8))
+    assert prepared.tensor[0, 0, 0, 0] == black  # the letterbox padding: black
+    assert prepared.tensor[0, prepared.pad_y + 5, 5, 0] == white
+    assert prepared.tensor[0, prepared.pad_y + 5, 187, 0] == black
 
 
 @pytest.mark.parametrize("make, message", [

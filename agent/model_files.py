@@ -1,0 +1,33 @@
+"""Where model files are: the bundled ones (the repository's models/, installed as the package
+`agent.models`) and the files a setting names."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+DEFAULT_EMOTION_MODEL = "emotion_minixception_int8.tflite"
+
+
+def default_model_path(name: str = DEFAULT_EMOTION_MODEL) -> Path:
+    """A model file shipped in the package `agent.models` (the repository's models/ folder)."""
+    try:
+        resource = importlib.resources.files("agent.models") / name
+        if isinstance(resource, Path) and resource.is_file():
+            return resource
+    except ModuleNotFoundError:
+        pass
+    # A source tree that was never installed: models/ is not importable as agent.models.
+    return Path(__file__).resolve().parents[1] / "models" / name
+
+
+def resolve_model_path(value: str) -> Path:
+    """A model setting as a path: the file it names, or, for a bare file name that is no file
+    here, the bundled model of that name (so `face_detection_full_range_int8.tflite` works
+    wherever the package is installed)."""
+    path = Path(value)
+    if not path.exists() and path.name == value:
+        bundled = default_model_path(value)
+        if bundled.is_file():
+            return bundled
+    return path
