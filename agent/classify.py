@@ -14,15 +14,10 @@ import cv2
 import numpy as np
 
 from agent.errors import ModelError
-from agent.interpreter import load_interpreter
-from agent.model_files import DEFAULT_EMOTION_MODEL, default_model_path, resolve_model_path  # noqa: F401 (re-exported)
+from agent.interpreter import dequantize, load_interpreter, quantize
 from agent.types import EMOTIONS, Box, EmotionScores
 
 logger = logging.getLogger(__name__)
-
-# float32 and int8 score the same on FER2013 PublicTest; why int8 is the default: models/MODELS.md.
-DEFAULT_MODEL = DEFAULT_EMOTION_MODEL
-
 
 class EmotionClassifier(Protocol):
     def classify(self, image: np.ndarray, boxes: Sequence[Box]) -> list[EmotionScores]:
@@ -119,11 +114,14 @@ class TFLiteEmotionClassifier:
         self._input_dtype = np.dtype(spec["dtype"])
         if self._input_dtype not in (np.float32, np.int8, np.uint8):
             raise ModelError(f"{self.model_path}: unsupported input type {self._input_dtype}")
-        self._input_quant = spec["quantization"]
-        if self._input_dtype != np.float32 and not self._input_quant[0]:
-            raise ModelError(f"{self.model_path}: quantized input without a scale")
+        self._pixel_codes: np.ndarray | None = None  # quantized input: each pixel value's code
+        if self._input_dtype != np.float32:
+            if not spec["quantization"][0]:
+                raise ModelError(f"{self.model_path}: quantized input without a scale")
+            self._pixel_codes = quantize(scale_to_unit(np.arange(256, dtype=np.uint8)), spec["quantization"],
+                                         self._input_dtype)
         self._output = self._find_output(self._interpreter.get_output_details())
-        self._output_dtype = np.dtype(self._output["dtype"])
+        self._output_quant = None if np.dtype(self._output["dtype"]) == np.float32 else self._output["quantization"]
         self._needs_softmax: bool | None = None  # decided on the first face, then fixed
         logger.info("emotion model %s: input %dx%d %s, output %r", self.model_path.name, shape[1], shape[2],
                     self._input_dtype.name, self._output["name"])
@@ -139,24 +137,14 @@ class TFLiteEmotionClassifier:
             raise ModelError(f"{self.model_path}: expected one output of {len(EMOTIONS)} emotion scores, found {found}")
         return candidates[0]
 
-    def _quantize(self, face: np.ndarray) -> np.ndarray:
-        unit = scale_to_unit(face)
-        if self._input_dtype == np.float32:
-            return unit
-        scale, zero_point = self._input_quant
-        info = np.iinfo(self._input_dtype)
-        return np.clip(np.round(unit / scale + zero_point), info.min, info.max).astype(self._input_dtype)
-
     def _run(self, face: np.ndarray) -> np.ndarray:
-        self._interpreter.set_tensor(self._input_index, self._quantize(face)[None, :, :, None])
+        tensor = scale_to_unit(face) if self._pixel_codes is None else self._pixel_codes[face]
+        self._interpreter.set_tensor(self._input_index, tensor[None, :, :, None])
         self._interpreter.invoke()
-        raw = self._interpreter.get_tensor(self._output["index"]).reshape(-1)
-        if self._output_dtype != np.float32:
-            scale, zero_point = self._output["quantization"]
-            raw = (raw.astype(np.float32) - zero_point) * scale
+        raw = dequantize(self._interpreter.get_tensor(self._output["index"]).reshape(-1), self._output_quant)
         if self._needs_softmax is None:
             self._needs_softmax = not _is_probabilities(raw)
-        return _softmax(raw) if self._needs_softmax else raw.astype(np.float32)
+        return _softmax(raw) if self._needs_softmax else raw
 
     def classify_faces(self, gray_faces: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(N, 7) probabilities for already-cropped uint8 gray faces: an (N, H, W) array, or a

@@ -282,6 +282,11 @@ def _closest(key: str, known: dict) -> str | None:
     return matches[0] if matches else None
 
 
+def _model_file(setting: str | None) -> str | None:
+    """The file a model setting means (a bundled model's bare name included), for the file checks."""
+    return str(resolve_model_path(setting)) if setting else None
+
+
 def _check_rules(cfg: Config, lines: _Lines) -> None:
     """Cross-field rules; no side effects."""
     m = cfg.mqtt
@@ -313,12 +318,11 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
         _fail(lines, "mqtt.tls.key_file", "cert_file and key_file must be given together")
     files = [("mqtt.password_file", m.password_file), ("mqtt.tls.ca_file", m.tls.ca_file),
              ("mqtt.tls.cert_file", m.tls.cert_file), ("mqtt.tls.key_file", m.tls.key_file),
-             ("detector.model", cfg.detector.model), ("classifier.model", cfg.classifier.model)]
+             ("detector.model", _model_file(cfg.detector.model)),
+             ("classifier.model", _model_file(cfg.classifier.model))]
     for path, value in files:
         if value is None:
             continue
-        if path.endswith(".model"):
-            value = str(resolve_model_path(value))
         if not Path(value).exists():
             _fail(lines, path, f"file not found: {value}")
         if not Path(value).is_file():

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from agent.errors import ModelError
-from agent.interpreter import load_interpreter
+from agent.interpreter import dequantize, load_interpreter, quantize
 from agent.types import Box, Detection
 
 logger = logging.getLogger(__name__)
@@ -47,21 +47,6 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return image
-
-
-def quantize(values: np.ndarray, quantization: tuple[float, int], dtype: np.dtype) -> np.ndarray:
-    """Real values to a quantized tensor's codes (rounded, saturated)."""
-    scale, zero_point = quantization
-    info = np.iinfo(dtype)
-    return np.clip(np.round(values / scale + zero_point), info.min, info.max).astype(dtype)
-
-
-def dequantize(codes: np.ndarray, quantization: tuple[float, int] | None) -> np.ndarray:
-    """A quantized tensor's codes to float32 (a float tensor, quantization None, as it is)."""
-    if quantization is None:
-        return codes.astype(np.float32, copy=False)
-    scale, zero_point = quantization
-    return (codes.astype(np.float32) - zero_point) * np.float32(scale)
 
 
 def _output_quantization(detail: dict) -> tuple[float, int] | None:
@@ -128,7 +113,7 @@ class BlazeFaceDetector:
         if self._input_dtype == np.float32:
             self._pixel_lut = None
         elif self._input_dtype in (np.int8, np.uint8) and inp["quantization"][0]:
-            # A quantized input: each 0..255 pixel maps to its code through one table look-up.
+            # each pixel value's code, scaled as the float path scales it: one look-up a pixel
             self._pixel_lut = quantize(np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0,
                                        inp["quantization"], self._input_dtype)
         else:

@@ -39,13 +39,13 @@ def _cmd(args: argparse.Namespace) -> int:
             raise SourceError(f"no imglab .xml files in {target}")
         result = evaluate_detector(xmls, make_detector_from(cfg))
     elif args.margins is not None:
-        from agent.model_files import default_model_path, resolve_model_path
+        from agent.model_files import DEFAULT_EMOTION_MODEL, model_path
         from agent.eval_margin import evaluate_margins, format_report
         from agent.pipeline import make_detector_from
 
         margins = _floats(args.margins)
-        model = resolve_model_path(cfg.classifier.model) if cfg.classifier.model else default_model_path()
-        result = evaluate_margins(target, make_detector_from(cfg), model, margins, limit=args.limit)
+        classifier_model = model_path(cfg.classifier.model, DEFAULT_EMOTION_MODEL)
+        result = evaluate_margins(target, make_detector_from(cfg), classifier_model, margins, limit=args.limit)
     else:
         from agent.eval_emotion import evaluate_folder, format_report
         from agent.pipeline import make_classifier_from

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -53,3 +55,19 @@ def load_interpreter(path: Path | str, threads: int = 1) -> Any:
         raise ModelError(f"cannot load model {path}: {first_line}") from None
     logger.debug("loaded %s with %s (%d threads)", path, runtime, threads)
     return interpreter
+
+
+def quantize(values: np.ndarray, quantization: tuple[float, int], dtype: np.dtype) -> np.ndarray:
+    """Real values to a quantized tensor's codes (rounded, saturated)."""
+    scale, zero_point = quantization
+    info = np.iinfo(dtype)
+    return np.clip(np.round(values / scale + zero_point), info.min, info.max).astype(dtype)
+
+
+def dequantize(codes: np.ndarray, quantization: tuple[float, int] | None) -> np.ndarray:
+    """A quantized tensor's codes to float32 (a float tensor, quantization None, as it is)."""
+    if quantization is None:
+        return codes.astype(np.float32, copy=False)
+    scale, zero_point = quantization
+    return (codes.astype(np.float32) - zero_point) * np.float32(scale)
+

@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
+# float32 and int8 score the same on FER2013 PublicTest; why int8 is the default: models/MODELS.md.
 DEFAULT_EMOTION_MODEL = "emotion_minixception_int8.tflite"
+DEFAULT_DETECTOR_MODEL = "face_detection_full_range.tflite"
 
 
 def default_model_path(name: str = DEFAULT_EMOTION_MODEL) -> Path:
@@ -31,3 +33,8 @@ def resolve_model_path(value: str) -> Path:
         if bundled.is_file():
             return bundled
     return path
+
+
+def model_path(setting: str | None, default: str) -> Path:
+    """The file a model setting names (see resolve_model_path), or the bundled `default` for null."""
+    return resolve_model_path(setting) if setting else default_model_path(default)

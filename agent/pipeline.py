@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from agent import payloads
 from agent.capture import FrameSource, make_source
 from agent.classify import EmotionClassifier, TFLiteEmotionClassifier
-from agent.model_files import default_model_path, resolve_model_path
+from agent.model_files import DEFAULT_DETECTOR_MODEL, DEFAULT_EMOTION_MODEL, model_path
 from agent.config import PASSWORD_ENV, Config, client_id, hostname, read_password, topic_root
 from agent.detect import FaceDetector, make_detector
 from agent.detect_ahead import DetectAhead
@@ -39,8 +39,7 @@ STILL_IMAGE_STEP_S = 0.1
 
 def make_detector_from(cfg: Config) -> FaceDetector:
     d = cfg.detector
-    model = resolve_model_path(d.model) if d.model else default_model_path("face_detection_full_range.tflite")
-    return make_detector(d.kind, model_path=model,
+    return make_detector(d.kind, model_path=model_path(d.model, DEFAULT_DETECTOR_MODEL),
                          score_threshold=d.score_threshold, nms_iou=d.nms_iou, threads=d.threads,
                          haar_scale_factor=d.haar_scale_factor, haar_min_neighbors=d.haar_min_neighbors,
                          min_face_size=d.min_face_size)
@@ -48,8 +47,7 @@ def make_detector_from(cfg: Config) -> FaceDetector:
 
 def make_classifier_from(cfg: Config) -> EmotionClassifier:
     c = cfg.classifier
-    model = resolve_model_path(c.model) if c.model else default_model_path()
-    return TFLiteEmotionClassifier(model, crop_margin=c.crop_margin, threads=c.threads)
+    return TFLiteEmotionClassifier(model_path(c.model, DEFAULT_EMOTION_MODEL), crop_margin=c.crop_margin, threads=c.threads)
 
 
 def make_tracker_from(cfg: Config) -> FaceStateTracker:

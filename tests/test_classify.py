@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.classify import TFLiteEmotionClassifier, crop_face, default_model_path
+from agent.classify import TFLiteEmotionClassifier, crop_face
+from agent.model_files import default_model_path
 from agent.errors import ModelError
 from agent.types import Box, Emotion
 

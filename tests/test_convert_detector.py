@@ -4,16 +4,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from agent.classify import default_model_path
-from agent.convert_detector import (FLOAT_NAME, INT8_NAME, SIGNATURE, calibration_inputs, main,
-                                    quantizable_float_graph)
 from agent.convert import sha256
+from agent.convert_detector import INT8_NAME, SIGNATURE, calibration_inputs, main, quantizable_float_graph
 from agent.detect import BlazeFaceDetector
 from agent.errors import AgentError
 from agent.interpreter import load_interpreter
+from agent.model_files import DEFAULT_DETECTOR_MODEL, default_model_path
 from tests.sample_photos import two_faces_bgr
 
-FLOAT_MODEL = default_model_path(FLOAT_NAME)
+FLOAT_MODEL = default_model_path(DEFAULT_DETECTOR_MODEL)
 
 
 def _outputs(interpreter, tensor: np.ndarray) -> list[np.ndarray]:

@@ -2,10 +2,10 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.classify import default_model_path
-from agent.detect import (BlazeFaceDetector, HaarDetector, dequantize, make_detector, quantize, ssd_anchor_centres,
-                          weighted_nms)
+from agent.model_files import default_model_path
+from agent.detect import BlazeFaceDetector, HaarDetector, make_detector, ssd_anchor_centres, weighted_nms
 from agent.errors import ModelError
+from agent.interpreter import dequantize, quantize
 from agent.types import Box
 from tests.conftest import astronaut_bgr, grace_hopper_path
 from tests.sample_photos import two_faces_bgr

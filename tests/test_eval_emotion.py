@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.classify import TFLiteEmotionClassifier, crop_face, default_model_path
+from agent.classify import TFLiteEmotionClassifier, crop_face
+from agent.model_files import default_model_path
 from agent.errors import SourceError
 from agent.eval_emotion import evaluate_folder, format_report, load_folder, plot_confusion
 from agent.types import EMOTION_LABELS, Box

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.classify import default_model_path
+from agent.model_files import default_model_path
 from agent.detect import BlazeFaceDetector, HaarDetector
 from agent.errors import SourceError
 from agent.eval_faces import evaluate_detector, format_report, match, parse_imglab

@@ -189,7 +189,8 @@ def test_flicker_figures_count_raw_and_emitted_changes_and_time_a_held_change():
 
 
 def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
-    from agent.classify import TFLiteEmotionClassifier, default_model_path
+    from agent.classify import TFLiteEmotionClassifier
+    from agent.model_files import default_model_path
     from agent.detect import make_detector
     from agent.flicker import FlickerFigures, face_sequences, held_windows, measure, observe_video, splice_delays
 
