@@ -23,10 +23,12 @@ class SmoothingParams:
     """The defaults were measured with `python -m agent.flicker` on the three videos in
     ../shared/data/videos (BlazeFace + the int8 MiniXception, 30.2 face-seconds, 20 faces):
     13.9 emitted changes per face-minute against 359.5 raw per-frame label changes (ratio 0.039;
-    0.143 keeping every 6th frame, ~5 fps); 27 spliced held expressions all got their event,
-    median 0.40 s, p90 0.96 s, max 1.04 s after the step (~5 fps: 21 of 21, max 1.20 s; with the
-    detector run every 0.1 s: ratio 0.031, 17 of 18, max 0.83 s, the miss a face torn between
-    angry 0.35 and sad 0.33 that left 1.03 s after the step). The earlier 0.5/0.1/0.4/0.4 missed 9 of the 27 and took up to 1.42 s. Neighbours (window 0.2-0.3,
+    0.143 keeping every 6th frame, ~5 fps); 58 spliced held expressions all got their event,
+    median 0.47 s, p90 0.96 s, max 1.04 s after the step (~5 fps: 34 of 34, max 1.68 s; with the
+    detector run every 0.1 s: ratio 0.031, 51 of 52, max 0.87 s, the miss a face torn between
+    angry 0.34 and sad 0.30 that left 1.03 s after the step). The earlier 0.5/0.1/0.4/0.4 missed
+    22 of the 58 and took up to 1.42 s. (Counts of every pair of held windows; the tuning was
+    done when one window per other emotion was counted: 27 steps, 9 missed.) Neighbours (window 0.2-0.3,
     dwell 0.25-0.3, margin 0-0.03, gate 0.25-0.3) do about as well; a margin of 0.05 or more
     misses faces torn between two classes (angry 0.45 vs sad 0.35), a gate of 0.4 calls most
     crowd faces "uncertain".
