@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
+from agent.errors import AgentError
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.progress import Progress
@@ -204,14 +207,22 @@ def _holds(samples: list[tuple[float, str, str]], k: int, hold_s: float, frame_i
     return False  # the face left before the hold was over
 
 
+def add_sensor_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`image` with each value moved by -1, 0 or +1 grey level: below what a camera's own noise
+    does to a frame, so a measure that swings with it is measuring chance."""
+    noise = rng.integers(-1, 2, image.shape, dtype=np.int16)
+    return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
 def observe_video(path: str, detector, classifier, *, detect_interval_s: float = 0.0,
-                  max_frames: int | None = None) -> tuple[Observed, float]:
+                  max_frames: int | None = None, noise_seed: int | None = None) -> tuple[Observed, float]:
     """Every frame's observations, stamped index / fps; and the frame interval. As the daemon does,
     the detector runs at most every `detect_interval_s` and the classifier on every frame, at the
-    boxes found last."""
+    boxes found last. With `noise_seed`, each frame first gets `add_sensor_noise` from that seed."""
     from agent.capture import VideoFileSource
 
     source = VideoFileSource(path)
+    rng = None if noise_seed is None else np.random.default_rng(noise_seed)
     observed: Observed = []
     detections, last_detect = [], -math.inf
     total = min(source.frame_count or 0, max_frames or 10 ** 9) or None
@@ -222,9 +233,10 @@ def observe_video(path: str, detector, classifier, *, detect_interval_s: float =
             if frame is None:
                 break
             progress.update()
+            image = frame.image if rng is None else add_sensor_noise(frame.image, rng)
             if frame.timestamp - last_detect >= detect_interval_s - 1e-3:
-                detections, last_detect = detector.detect(frame.image), frame.timestamp
-            scores = classifier.classify(frame.image, [d.box for d in detections]) if detections else []
+                detections, last_detect = detector.detect(image), frame.timestamp
+            scores = classifier.classify(image, [d.box for d in detections]) if detections else []
             observed.append((frame.timestamp, [FaceObservation(d, s) for d, s in zip(detections, scores)]))
     finally:
         source.close()
@@ -246,27 +258,82 @@ def format_splices(windows: Sequence[HeldWindow], delays: Sequence[float], misse
     labels = ", ".join(f"{label} {n}" for label, n in sorted(Counter(w.label for w in windows).items()))
     if not delays:
         return f"spliced held windows ({labels}): no pairs timed, missed {missed}"
-    ordered = sorted(delays)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
     return (f"spliced held windows ({labels}): {len(delays) + missed} steps, event after median "
-            f"{statistics.median(delays):.2f} s, p90 {p90:.2f} s, max {max(delays):.2f} s; missed {missed}")
+            f"{statistics.median(delays):.2f} s, p90 {_p90(delays):.2f} s, max {max(delays):.2f} s; missed {missed}")
+
+
+@dataclass
+class RunFigures:
+    """One pass over the videos: the per-frame figures summed, the held windows, the splices."""
+    figures: FlickerFigures
+    windows: list[HeldWindow]
+    delays: list[float]
+    missed: int
+
+
+def measure_videos(videos: Sequence[str], cfg, detector, classifier, *, every: int = 1, hold_s: float = 1.0,
+                   horizon_s: float = 3.0, max_frames: int | None = None, noise_seed: int | None = None,
+                   report: Callable[[str], None] | None = None) -> RunFigures:
+    """The figures for `videos` under `cfg`'s tracker, each video's passed to `report` if given."""
+    from agent.pipeline import make_tracker_from
+
+    total, windows = FlickerFigures(), []
+    for video in videos:
+        observed, interval = observe_video(video, detector, classifier, detect_interval_s=cfg.detector.interval_s,
+                                           max_frames=max_frames, noise_seed=noise_seed)
+        observed, interval = observed[::every], interval * every
+        figures = measure(observed, make_tracker_from(cfg), frame_interval=interval, hold_s=hold_s,
+                          horizon_s=horizon_s)
+        if report is not None:
+            report(format_figures(video, figures))
+        total.add(figures)
+        sequences, _ = face_sequences(observed, make_tracker_from(cfg))
+        windows += held_windows(sequences, frame_interval=interval, hold_s=hold_s)
+    delays, missed = splice_delays(windows, lambda: make_tracker_from(cfg), horizon_s=horizon_s)
+    return RunFigures(total, windows, delays, missed)
+
+
+def _p90(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def format_pooled(runs: Sequence[RunFigures]) -> str:
+    """The runs' figures pooled, with each run's spread: what a change must be judged against."""
+    raw = sum(r.figures.raw_changes for r in runs)
+    emitted = sum(r.figures.emitted_changes for r in runs)
+    face_s = sum(r.figures.face_seconds for r in runs)
+    delays = [d for r in runs for d in r.delays]
+    missed = sum(r.missed for r in runs)
+    steps = len(delays) + missed
+    per_run = ", ".join(f"{len(r.delays) + r.missed}/{r.missed}/{max(r.delays, default=0.0):.2f}" for r in runs)
+    timing = (f"event after median {statistics.median(delays):.2f} s, p90 {_p90(delays):.2f} s, "
+              f"max {max(delays):.2f} s" if delays else "no step timed")
+    return (f"pooled over {len(runs)} runs: emitted changes {emitted * 60 / face_s if face_s else 0:.1f} "
+            f"against raw {raw * 60 / face_s if face_s else 0:.1f} per face-min (ratio {emitted / raw if raw else 0:.3f}); "
+            f"spliced steps {steps}, missed {missed} ({missed / steps if steps else 0:.1%}), {timing}\n"
+            f"  per run, steps/missed/max delay: {per_run}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from agent.argtypes import positive_int
     from agent.config import load_config
-    from agent.pipeline import make_classifier_from, make_detector_from, make_tracker_from
 
     p = argparse.ArgumentParser(prog="python -m agent.flicker", description=__doc__.splitlines()[0])
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("--config", metavar="FILE", help="agent config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. smoothing.dwell_s=0.5 (repeatable)")
-    p.add_argument("--every", type=int, default=1, metavar="N",
+    p.add_argument("--every", type=positive_int, default=1, metavar="N",
                    help="keep every Nth frame, at its own timestamp (a slower camera)")
+    p.add_argument("--noise-runs", type=int, default=0, metavar="N",
+                   help="also run N times with +-1 grey level of seeded noise on every frame, and pool")
     p.add_argument("--hold-s", type=float, default=1.0, help="how long a raw change must hold to be timed")
     p.add_argument("--horizon-s", type=float, default=3.0, help="longest delay that still counts as a hit")
     p.add_argument("--max-frames", type=int, metavar="N")
     args = p.parse_args(argv)
+    if args.noise_runs < 0:
+        p.error(f"--noise-runs: expected 0 or more, got {args.noise_runs}")
     # INFO for agent.progress's periodic lines when stderr is not a terminal; the rest stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.progress").setLevel(logging.INFO)
@@ -277,28 +344,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides[key] = float(value)
         except ValueError:
             overrides[key] = value
-    cfg = load_config(args.config, overrides)
+    try:
+        return _run(args, load_config(args.config, overrides))
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
+    from agent.pipeline import make_classifier_from, make_detector_from
+
     s = cfg.smoothing
     print(f"smoothing: window_s={s.window_s} change_margin={s.change_margin} dwell_s={s.dwell_s} "
           f"confidence_gate={s.confidence_gate}; tracking: max_gap_s={cfg.tracking.max_gap_s}; "
           f"detector every {cfg.detector.interval_s} s; every {args.every} frame(s)")
     detector, classifier = make_detector_from(cfg), make_classifier_from(cfg)
-    total = FlickerFigures()
-    windows: list[HeldWindow] = []
-    for video in args.videos:
-        observed, interval = observe_video(video, detector, classifier, detect_interval_s=cfg.detector.interval_s,
-                                           max_frames=args.max_frames)
-        observed, interval = observed[::args.every], interval * args.every
-        figures = measure(observed, make_tracker_from(cfg), frame_interval=interval, hold_s=args.hold_s,
-                          horizon_s=args.horizon_s)
-        print(format_figures(video, figures))
-        total.add(figures)
-        sequences, _ = face_sequences(observed, make_tracker_from(cfg))
-        windows += held_windows(sequences, frame_interval=interval, hold_s=args.hold_s)
+    options = dict(every=args.every, hold_s=args.hold_s, horizon_s=args.horizon_s, max_frames=args.max_frames)
+    plain = measure_videos(args.videos, cfg, detector, classifier, report=print, **options)
     if len(args.videos) > 1:
-        print(format_figures("all", total))
-    delays, missed = splice_delays(windows, lambda: make_tracker_from(cfg), horizon_s=args.horizon_s)
-    print(format_splices(windows, delays, missed))
+        print(format_figures("all", plain.figures))
+    print(format_splices(plain.windows, plain.delays, plain.missed))
+    if args.noise_runs:
+        runs = [plain]
+        for seed in range(1, args.noise_runs + 1):
+            run = measure_videos(args.videos, cfg, detector, classifier, noise_seed=seed, **options)
+            print(f"noise seed {seed}: emitted {run.figures.per_minute(run.figures.emitted_changes):.1f} "
+                  f"per face-min (ratio {run.figures.ratio:.3f}); " + format_splices(run.windows, run.delays, run.missed))
+            runs.append(run)
+        print(format_pooled(runs))
     return 0
 
 

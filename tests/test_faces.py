@@ -202,21 +202,64 @@ def test_every_pair_of_held_windows_of_two_emotions_is_spliced_and_timed():
     assert all(0.0 < d <= 1.0 for d in delays)
 
 
-def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
-    from agent.classify import TFLiteEmotionClassifier
-    from agent.model_files import default_model_path
-    from agent.detect import make_detector
-    from agent.flicker import FlickerFigures, face_sequences, held_windows, measure, observe_video, splice_delays
+def test_sensor_noise_moves_each_value_by_at_most_one_grey_level_reproducibly():
+    from agent.flicker import add_sensor_noise
 
+    image = np.array([[0, 1, 128, 254, 255]] * 200, np.uint8)
+    noisy = add_sensor_noise(image, np.random.default_rng(3))
+    assert noisy.dtype == np.uint8 and noisy.shape == image.shape
+    difference = noisy.astype(int) - image.astype(int)
+    assert set(np.unique(difference)) == {-1, 0, 1}  # every step occurs, none larger
+    assert noisy[:, 0].min() == 0 and noisy[:, 4].max() == 255  # clipped, not wrapped
+    assert np.array_equal(noisy, add_sensor_noise(image, np.random.default_rng(3)))
+
+
+def test_pooled_figures_add_up_every_run():
+    from agent.flicker import FlickerFigures, RunFigures, format_pooled
+
+    runs = [RunFigures(FlickerFigures(raw_changes=100, emitted_changes=4, face_seconds=60.0), [], [0.5, 0.7], 1),
+            RunFigures(FlickerFigures(raw_changes=50, emitted_changes=2, face_seconds=30.0), [], [1.2], 0)]
+    text = format_pooled(runs)
+    assert "ratio 0.040" in text and "spliced steps 4, missed 1 (25.0%)" in text
+    assert "max 1.20 s" in text and "3/1/0.70, 1/0/1.20" in text
+
+
+def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
+    """Pooled over the videos as they are and four times with +-1 grey level of noise: a bar that
+    one exact set of pixels meets by chance (one grey level brighter, the same default missed
+    4 of 42 held steps) says nothing about the smoother."""
+    from agent.classify import TFLiteEmotionClassifier
+    from agent.config import load_config
+    from agent.detect import make_detector
+    from agent.flicker import measure_videos
+    from agent.model_files import default_model_path
+
+    cfg = load_config(None, {"detector.interval_s": 0})
     detector = make_detector("blazeface", model_path=default_model_path("face_detection_full_range.tflite"))
     classifier = TFLiteEmotionClassifier(default_model_path())
-    total, windows = FlickerFigures(), []
-    for name in ("hamilton_640x360", "crowd_1920x1080", "phone_smile"):
-        observed, interval = observe_video(str(shared_data / "videos" / f"{name}.mp4"), detector, classifier)
-        total.add(measure(observed, FaceStateTracker(), frame_interval=interval))
-        windows += held_windows(face_sequences(observed, FaceStateTracker())[0], frame_interval=interval)
-    # Emitted changes at most a fifth of the raw per-frame ones (measured: 0.039).
-    assert total.raw_changes > 100 and total.ratio <= 0.2
-    # A held expression gets its event within about a second (measured: 58 of 58, at most 1.04 s).
-    delays, missed = splice_delays(windows, FaceStateTracker)
-    assert len(delays) >= 40 and missed == 0 and max(delays) <= 1.25
+    videos = [str(shared_data / "videos" / f"{name}.mp4") for name in ("hamilton_640x360", "crowd_1920x1080",
+                                                                        "phone_smile")]
+    runs = [measure_videos(videos, cfg, detector, classifier, noise_seed=seed) for seed in (None, 1, 2, 3, 4)]
+    raw = sum(r.figures.raw_changes for r in runs)
+    emitted = sum(r.figures.emitted_changes for r in runs)
+    delays = sorted(d for r in runs for d in r.delays)
+    missed = sum(r.missed for r in runs)
+    # Emitted changes at most a fifth of the raw per-frame ones (measured: 0.033).
+    assert raw > 500 and emitted / raw <= 0.2
+    # A held expression gets its event within about a second (measured: 220 of 223 steps, p90
+    # 0.87 s, at most 1.10 s; the int8 face detector misses 16 of 157 and fails here).
+    steps = len(delays) + missed
+    assert steps >= 150 and missed <= 0.05 * steps
+    assert delays[int(0.9 * (len(delays) - 1))] <= 1.0 and delays[-1] <= 1.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.mp4"], "cannot open video missing.mp4"),
+    (["missing.mp4", "--set", "detector.interval_s=x"], "detector.interval_s: expected a number"),
+])
+def test_flicker_reports_a_bad_input_in_one_line(capsys, argv, message):
+    from agent.flicker import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
