@@ -125,10 +125,12 @@ class VideoFileSource:
     """A video file, every frame in order, stamped with its position in the video.
 
     The timestamps are the video's own (index / fps), so smoothing in seconds behaves as it would
-    live, however fast or slow the machine decodes. Frames are decoded a few ahead on a thread of
-    their own (OpenCV releases the GIL while decoding), so decoding overlaps inference and no
-    frame is dropped. With `realtime` the reads are paced to the video's rate; with `loop` the file
-    starts over at its end (soak tests, demos).
+    live, however fast or slow the machine decodes. `read` decodes a few frames ahead on a thread
+    of its own (OpenCV releases the GIL while decoding), so decoding overlaps inference and no
+    frame is dropped. A caller that is itself a thread running ahead (agent.detect_ahead) calls
+    `read_here` instead, which decodes on the caller's thread: no second thread, no second queue
+    of frames (at 1080p, 6 MB a frame). One source is read one way only. With `realtime` the reads
+    are paced to the video's rate; with `loop` the file starts over at its end (soak tests, demos).
     """
 
     live = False
@@ -144,12 +146,12 @@ class VideoFileSource:
         self.fps = fps if fps and 1 <= fps <= 240 else 25.0
         self.frame_count: int | None = max(int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) or None  # as the container says
         self._start = time.monotonic()
+        self._index = 0
         self._ended = False
         self._corrupt = 0
         self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=self.PREFETCH)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._decode, name="decode", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first `read`
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(self._path)
@@ -157,39 +159,42 @@ class VideoFileSource:
             raise SourceError(f"cannot open video {self._path}: not a video file OpenCV can decode")
         return cap
 
-    def _put(self, item: Frame | None) -> bool:
-        return put_until_stopped(self._frames, item, self._stop)
-
-    def _decode(self) -> None:
-        index = 0
+    def _decode_next(self) -> Frame | None:
+        """The next valid frame, decoded on the calling thread; None at the end (or on an error,
+        logged: the frames before it were good)."""
         try:
             while not self._stop.is_set():
                 ok, image = self._cap.read()
                 if not ok:
-                    if self._loop and index > 0:
+                    if self._loop and self._index > 0:
                         self._cap.release()
                         self._cap = self._open()
                         continue
                     expected = self.frame_count
-                    if expected and index < expected * 0.98:  # container counts are often off by a frame or two
+                    if expected and self._index < expected * 0.98:  # container counts are often off by a frame or two
                         logger.warning("video %s ended after %d of its %d frames: truncated or damaged?",
-                                       self._path, index, expected)
-                    break
-                timestamp = index / self.fps
-                index += 1
+                                       self._path, self._index, expected)
+                    return None
+                index = self._index
+                self._index += 1
                 if not _valid_frame(image):
                     self._corrupt += 1
                     continue
-                if not self._put(Frame(image, timestamp, index - 1)):
-                    return
+                return Frame(image, index / self.fps, index)
         except (SourceError, cv2.error) as exc:
             logger.error("video %s: %s", self._path, exc)
-        self._put(None)  # the end
+        return None
 
-    def read(self) -> Frame | None:
-        if self._ended:
-            return None
-        frame = self._frames.get()
+    def _decode(self) -> None:
+        while True:
+            frame = self._decode_next()
+            if not self._put(frame) or frame is None:
+                return
+
+    def _put(self, item: Frame | None) -> bool:
+        return put_until_stopped(self._frames, item, self._stop)
+
+    def _handed_out(self, frame: Frame | None) -> Frame | None:
         if frame is None:
             self._ended = True
             return None
@@ -198,6 +203,20 @@ class VideoFileSource:
             if delay > 0:
                 time.sleep(delay)
         return frame
+
+    def read(self) -> Frame | None:
+        if self._ended:
+            return None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._decode, name="decode", daemon=True)
+            self._thread.start()
+        return self._handed_out(self._frames.get())
+
+    def read_here(self) -> Frame | None:
+        """`read`, decoding on the calling thread."""
+        if self._ended:
+            return None
+        return self._handed_out(self._decode_next())
 
     def status(self) -> str:
         return "ended" if self._ended else "ok"
@@ -210,7 +229,8 @@ class VideoFileSource:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         self._cap.release()
 
 

@@ -1,9 +1,10 @@
 """Face detection a few frames ahead of the loop, on threads of their own, for file sources.
 
 Which frames get a fresh detection depends only on the frames' own timestamps (the detector runs
-at most every `detector.interval_s` of video time), so a thread can read the file, pick the due
-frames and prepare the model's input for them, while a second thread runs the model on the frame
-prepared before, and the loop still classifies the frames before that. The results are the same
+at most every `detector.interval_s` of video time), so a thread can decode the file (itself:
+`VideoFileSource.read_here`, no decode thread besides), pick the due frames and prepare the
+model's input for them, while a second thread runs the model on the frame prepared before, and
+the loop still classifies the frames before that. The results are the same
 as detecting inline, frame for frame; only the wall time shrinks, as the detector (the costliest
 stage) overlaps the rest. LiteRT and OpenCV release the GIL while they compute, so the overlap is
 real in CPython.
@@ -33,7 +34,9 @@ class DetectAhead:
 
     def __init__(self, source: FrameSource, is_due: Callable[[Frame], bool], prepare: Callable[[Frame], Any],
                  run: Callable[[Any], list[Detection]], depth: int = DEPTH):
-        self._source = source
+        # This thread already runs ahead of the loop: a source that can decode on it need not
+        # run (and queue frames on) a thread of its own.
+        self._read = getattr(source, "read_here", source.read)
         self._is_due, self._prepare, self._run_model = is_due, prepare, run
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -48,7 +51,7 @@ class DetectAhead:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                frame = self._source.read()
+                frame = self._read()
                 if frame is None:
                     break
                 job = self._worker.submit(self._run_model, self._prepare(frame)) if self._is_due(frame) else None

@@ -30,6 +30,21 @@ def test_video_file_yields_every_frame_with_video_timestamps(tmp_path):
     assert source.read() is None
 
 
+@pytest.mark.parametrize("loop", [False, True])
+def test_reading_on_the_callers_thread_gives_the_same_frames_and_starts_no_thread(tmp_path, loop):
+    clip = str(write_video(tmp_path / "clip.avi", frames=12, fps=10))
+    threaded, here = VideoFileSource(clip, loop=loop), VideoFileSource(clip, loop=loop)
+    for _ in range(20 if loop else 13):  # past the end: None, or the file again from its start
+        a, b = threaded.read(), here.read_here()
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.index, a.timestamp) == (b.index, b.timestamp)
+            assert np.array_equal(a.image, b.image)
+    assert here._thread is None and threaded._thread is not None
+    for source in (threaded, here):
+        source.close()
+
+
 def test_looping_video_starts_over(tmp_path):
     source = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=5)), loop=True)
     got = [source.read() for _ in range(12)]

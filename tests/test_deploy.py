@@ -11,7 +11,6 @@ import ctypes
 import ctypes.util
 import errno
 import functools
-import importlib.util
 import os
 import shutil
 import socket
@@ -42,6 +41,24 @@ def system_python_has_the_dependencies() -> bool:
     return done.returncode == 0
 
 
+# Asked of the system Python, whose packages the scratch venv sees, not of this test run's venv
+# (which may have `wheel` where the system has not). Up to Python 3.11 a new venv brings its own
+# setuptools (65.5 from ensurepip), which needs `wheel` to build; from 3.12 it brings none.
+_BUILDS_OFFLINE = """
+import importlib.util, sys
+if importlib.util.find_spec("wheel"):
+    sys.exit(0)
+if sys.version_info >= (3, 12) and importlib.util.find_spec("setuptools"):
+    import setuptools
+    sys.exit(0 if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) >= (70, 1) else 1)
+sys.exit(1)
+"""
+
+
+def system_python_builds_wheels_offline() -> bool:
+    return subprocess.run(["python3", "-c", _BUILDS_OFFLINE], capture_output=True, timeout=120).returncode == 0
+
+
 def offline_pip_args() -> str:
     """Install only the project, with the packages already here, and build it without the network
     when this Python can (setuptools >= 70.1 builds wheels itself; older needs `wheel`).
@@ -49,10 +66,7 @@ def offline_pip_args() -> str:
     The scratch venv sees the system Python's packages (--system-site-packages), not this test
     run's venv: where the system Python lacks the runtime dependencies (a fresh machine), pip
     installs them as a user's install would, from its cache or the package index."""
-    import setuptools
-
-    major, minor = (int(p) for p in setuptools.__version__.split(".")[:2])
-    can_build = (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
+    can_build = system_python_builds_wheels_offline()
     deps = "--no-deps" if system_python_has_the_dependencies() else ""
     # Otherwise pip fetches setuptools for an isolated build: the one download of this file.
     return f"{deps} --no-build-isolation".strip() if can_build else deps

@@ -37,6 +37,24 @@ def test_every_frame_comes_in_order_with_the_detection_made_for_it():
     assert ahead.read() is None
 
 
+def test_a_video_file_is_prepared_on_the_reading_thread_not_on_one_of_its_own(tmp_path):
+    from agent.capture import VideoFileSource
+    from tests.test_capture import write_video
+
+    prepared_on = set()
+    source = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=20)))
+    ahead = DetectAhead(source, lambda frame: True,
+                        lambda frame: prepared_on.add(threading.current_thread().name), lambda prepared: [])
+    frames = 0
+    while ahead.read() is not None:
+        frames += 1
+    ahead.close()
+    source.close()
+    assert frames == 20
+    assert prepared_on == {"detect-ahead"}  # prepare runs where the frame was read
+    assert source._thread is None  # and the source started no decode thread
+
+
 def test_a_detector_failure_reaches_the_loop():
     def run(frame):
         if frame.index == 5:
