@@ -298,25 +298,56 @@ def _p90(values: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
+@dataclass(frozen=True)
+class Pooled:
+    """Several runs' figures as one sample: what a change must be judged against."""
+    raw_changes: int
+    emitted_changes: int
+    face_seconds: float
+    delays: tuple[float, ...]      # sorted
+    missed: int
+
+    @classmethod
+    def of(cls, runs: Sequence[RunFigures]) -> Pooled:
+        return cls(sum(r.figures.raw_changes for r in runs), sum(r.figures.emitted_changes for r in runs),
+                   sum(r.figures.face_seconds for r in runs), tuple(sorted(d for r in runs for d in r.delays)),
+                   sum(r.missed for r in runs))
+
+    @property
+    def ratio(self) -> float:
+        return self.emitted_changes / self.raw_changes if self.raw_changes else 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.delays) + self.missed
+
+    @property
+    def p90(self) -> float:
+        return _p90(self.delays) if self.delays else 0.0
+
+    @property
+    def missed_share(self) -> float:
+        return self.missed / self.steps if self.steps else 0.0
+
+    def per_minute(self, count: int) -> float:
+        return count * 60.0 / self.face_seconds if self.face_seconds > 0 else 0.0
+
+
 def format_pooled(runs: Sequence[RunFigures]) -> str:
-    """The runs' figures pooled, with each run's spread: what a change must be judged against."""
-    raw = sum(r.figures.raw_changes for r in runs)
-    emitted = sum(r.figures.emitted_changes for r in runs)
-    face_s = sum(r.figures.face_seconds for r in runs)
-    delays = [d for r in runs for d in r.delays]
-    missed = sum(r.missed for r in runs)
-    steps = len(delays) + missed
+    """The runs' figures pooled, with each run's spread."""
+    pooled = Pooled.of(runs)
+    delays = pooled.delays
     per_run = ", ".join(f"{len(r.delays) + r.missed}/{r.missed}/{max(r.delays, default=0.0):.2f}" for r in runs)
-    timing = (f"event after median {statistics.median(delays):.2f} s, p90 {_p90(delays):.2f} s, "
-              f"max {max(delays):.2f} s" if delays else "no step timed")
-    return (f"pooled over {len(runs)} runs: emitted changes {emitted * 60 / face_s if face_s else 0:.1f} "
-            f"against raw {raw * 60 / face_s if face_s else 0:.1f} per face-min (ratio {emitted / raw if raw else 0:.3f}); "
-            f"spliced steps {steps}, missed {missed} ({missed / steps if steps else 0:.1%}), {timing}\n"
+    timing = (f"event after median {statistics.median(delays):.2f} s, p90 {pooled.p90:.2f} s, "
+              f"max {delays[-1]:.2f} s" if delays else "no step timed")
+    return (f"pooled over {len(runs)} runs: emitted changes {pooled.per_minute(pooled.emitted_changes):.1f} "
+            f"against raw {pooled.per_minute(pooled.raw_changes):.1f} per face-min (ratio {pooled.ratio:.3f}); "
+            f"spliced steps {pooled.steps}, missed {pooled.missed} ({pooled.missed_share:.1%}), {timing}\n"
             f"  per run, steps/missed/max delay: {per_run}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.argtypes import positive_int
+    from agent.argtypes import non_negative_int, positive_int
     from agent.config import load_config
 
     p = argparse.ArgumentParser(prog="python -m agent.flicker", description=__doc__.splitlines()[0])
@@ -326,14 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="override a setting, e.g. smoothing.dwell_s=0.5 (repeatable)")
     p.add_argument("--every", type=positive_int, default=1, metavar="N",
                    help="keep every Nth frame, at its own timestamp (a slower camera)")
-    p.add_argument("--noise-runs", type=int, default=0, metavar="N",
+    p.add_argument("--noise-runs", type=non_negative_int, default=0, metavar="N",
                    help="also run N times with +-1 grey level of seeded noise on every frame, and pool")
     p.add_argument("--hold-s", type=float, default=1.0, help="how long a raw change must hold to be timed")
     p.add_argument("--horizon-s", type=float, default=3.0, help="longest delay that still counts as a hit")
     p.add_argument("--max-frames", type=int, metavar="N")
     args = p.parse_args(argv)
-    if args.noise_runs < 0:
-        p.error(f"--noise-runs: expected 0 or more, got {args.noise_runs}")
     # INFO for agent.progress's periodic lines when stderr is not a terminal; the rest stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.progress").setLevel(logging.INFO)
