@@ -26,7 +26,7 @@ class SmoothingParams:
     0.143 keeping every 6th frame, ~5 fps); 58 spliced held expressions all got their event,
     median 0.47 s, p90 0.96 s, max 1.04 s after the step (~5 fps: 34 of 34, max 1.68 s; with the
     detector run every 0.1 s: ratio 0.031, 51 of 52, max 0.87 s, the miss a face torn between
-    angry 0.34 and sad 0.30 that left 1.03 s after the step). The earlier 0.5/0.1/0.4/0.4 missed
+    angry and sad that left about a second after the step). The earlier 0.5/0.1/0.4/0.4 missed
     22 of the 58 and took up to 1.42 s. (Counts of every pair of held windows; the tuning was
     done when one window per other emotion was counted: 27 steps, 9 missed.) Single passes swing
     with +-1 grey level of noise; pooled with four such passes (`--noise-runs 4`), detector on every
