@@ -18,6 +18,12 @@ Runs detect -> classify -> FaceStateTracker over every frame of each video at it
 The bar the defaults were tuned to: emitted changes at most a fifth of the raw ones, and an
 expression held for a second gets its event within about a second. `--every N` keeps every Nth
 frame (at its own timestamp) to check the same at a lower frame rate.
+
+One pass over these few face-seconds is partly chance: `--noise-runs N` adds N passes with +-1
+grey level of seeded noise on every frame and pools them. Held windows come from the run's own
+raw labels, so a noisier detector also finds fewer of its own misses; `--agreement` compares the
+emitted emotions, frame by frame and face by face, with a fixed reference instead (the built-in
+defaults with the detector on every frame, on the same frames).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ logger = logging.getLogger(__name__)
 Observed = list[tuple[float, list[FaceObservation]]]
 # Each face's state in the frames it was seen in, by face id.
 Sequences = dict[int, list[tuple[float, TrackedFace]]]
+# Each frame's faces, by timestamp: (box, emitted emotion) of each face seen in it.
+FrameStates = dict[float, list[tuple[Box, str]]]
 
 
 @dataclass
@@ -264,11 +272,13 @@ def format_splices(windows: Sequence[HeldWindow], delays: Sequence[float], misse
 
 @dataclass
 class RunFigures:
-    """One pass over the videos: the per-frame figures summed, the held windows, the splices."""
+    """One pass over the videos: the per-frame figures summed, the held windows, the splices, and
+    each video's emitted states (for `agreement`)."""
     figures: FlickerFigures
     windows: list[HeldWindow]
     delays: list[float]
     missed: int
+    states: list[FrameStates] = field(default_factory=list)
 
 
 def measure_videos(videos: Sequence[str], cfg, detector, classifier, *, every: int = 1, hold_s: float = 1.0,
@@ -277,7 +287,7 @@ def measure_videos(videos: Sequence[str], cfg, detector, classifier, *, every: i
     """The figures for `videos` under `cfg`'s tracker, each video's passed to `report` if given."""
     from agent.pipeline import make_tracker_from
 
-    total, windows = FlickerFigures(), []
+    total, windows, states = FlickerFigures(), [], []
     for video in videos:
         observed, interval = observe_video(video, detector, classifier, detect_interval_s=cfg.detector.interval_s,
                                            max_frames=max_frames, noise_seed=noise_seed)
@@ -289,8 +299,48 @@ def measure_videos(videos: Sequence[str], cfg, detector, classifier, *, every: i
         total.add(figures)
         sequences, _ = face_sequences(observed, make_tracker_from(cfg))
         windows += held_windows(sequences, frame_interval=interval, hold_s=hold_s)
+        states.append(frame_states(sequences))
     delays, missed = splice_delays(windows, lambda: make_tracker_from(cfg), horizon_s=horizon_s)
-    return RunFigures(total, windows, delays, missed)
+    return RunFigures(total, windows, delays, missed, states)
+
+
+def frame_states(sequences: Sequences) -> FrameStates:
+    """Each frame's faces, by timestamp: (box, emitted emotion) of those seen in it."""
+    states: FrameStates = {}
+    for faces in sequences.values():
+        for t, face in faces:
+            states.setdefault(t, []).append((face.box, face.emotion))
+    return states
+
+
+@dataclass
+class Agreement:
+    face_frames: int = 0   # the reference's faces with a known emotion, summed over frames
+    found: int = 0         # ... with a face of the candidate's on them (IoU >= min_iou)
+    agreed: int = 0        # ... emitting the same emotion
+
+    def add(self, other: Agreement) -> None:
+        self.face_frames += other.face_frames
+        self.found += other.found
+        self.agreed += other.agreed
+
+
+def agreement(reference: FrameStates, candidate: FrameStates, min_iou: float = 0.3) -> Agreement:
+    """How often the candidate emits what the reference emits, frame by frame and face by face
+    (each reference face against the candidate's face overlapping it most). Frames where the
+    reference is still uncertain about a face are not counted. Pure."""
+    result = Agreement()
+    for t, faces in reference.items():
+        theirs = candidate.get(t, [])
+        for box, emotion in faces:
+            if emotion == UNCERTAIN:
+                continue
+            result.face_frames += 1
+            overlap, other = max(((box.iou(b), e) for b, e in theirs), default=(0.0, None), key=lambda x: x[0])
+            if overlap >= min_iou:
+                result.found += 1
+                result.agreed += other == emotion
+    return result
 
 
 def _p90(values: Sequence[float]) -> float:
@@ -359,6 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="keep every Nth frame, at its own timestamp (a slower camera)")
     p.add_argument("--noise-runs", type=non_negative_int, default=0, metavar="N",
                    help="also run N times with +-1 grey level of seeded noise on every frame, and pool")
+    p.add_argument("--agreement", action="store_true",
+                   help="compare the emitted emotions, frame by frame, with the built-in defaults run with the "
+                        "detector on every frame (each noise run with the same noise)")
     p.add_argument("--hold-s", type=float, default=1.0, help="how long a raw change must hold to be timed")
     p.add_argument("--horizon-s", type=float, default=3.0, help="longest delay that still counts as a hit")
     p.add_argument("--max-frames", type=int, metavar="N")
@@ -381,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, cfg) -> int:
+    from agent.config import load_config
     from agent.pipeline import make_classifier_from, make_detector_from
 
     s = cfg.smoothing
@@ -393,15 +447,33 @@ def _run(args: argparse.Namespace, cfg) -> int:
     if len(args.videos) > 1:
         print(format_figures("all", plain.figures))
     print(format_splices(plain.windows, plain.delays, plain.missed))
+    runs = [plain]
+    for seed in range(1, args.noise_runs + 1):
+        run = measure_videos(args.videos, cfg, detector, classifier, noise_seed=seed, **options)
+        print(f"noise seed {seed}: emitted {run.figures.per_minute(run.figures.emitted_changes):.1f} "
+              f"per face-min (ratio {run.figures.ratio:.3f}); " + format_splices(run.windows, run.delays, run.missed))
+        runs.append(run)
     if args.noise_runs:
-        runs = [plain]
-        for seed in range(1, args.noise_runs + 1):
-            run = measure_videos(args.videos, cfg, detector, classifier, noise_seed=seed, **options)
-            print(f"noise seed {seed}: emitted {run.figures.per_minute(run.figures.emitted_changes):.1f} "
-                  f"per face-min (ratio {run.figures.ratio:.3f}); " + format_splices(run.windows, run.delays, run.missed))
-            runs.append(run)
         print(format_pooled(runs))
+    if args.agreement:
+        # The reference: the built-in defaults with the detector on every frame, whatever --config says.
+        reference_cfg = load_config(None, {"detector.interval_s": 0})
+        reference_detector, reference_classifier = make_detector_from(reference_cfg), make_classifier_from(reference_cfg)
+        total = Agreement()
+        for seed, run in zip([None, *range(1, args.noise_runs + 1)], runs):
+            reference = measure_videos(args.videos, reference_cfg, reference_detector, reference_classifier,
+                                       noise_seed=seed, **options)
+            for theirs, ours in zip(reference.states, run.states):
+                total.add(agreement(theirs, ours))
+        print(format_agreement(total, len(runs)))
     return 0
+
+
+def format_agreement(a: Agreement, runs: int) -> str:
+    share = (lambda n: n / a.face_frames) if a.face_frames else (lambda n: 0.0)
+    return (f"agreement with the reference (built-in defaults, detector on every frame), over {runs} run(s): "
+            f"the same emotion in {share(a.agreed):.1%} of {a.face_frames} face-frames with a known emotion; "
+            f"the face found in {share(a.found):.1%}")
 
 
 if __name__ == "__main__":

@@ -259,3 +259,19 @@ def test_flicker_reports_a_bad_input_in_one_line(capsys, argv, message):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_agreement_matches_faces_by_overlap_and_skips_the_references_uncertain_frames():
+    from agent.flicker import agreement
+
+    left, right, far = Box(0, 0, 100, 100), Box(300, 0, 100, 100), Box(600, 0, 100, 100)
+    reference = {0.0: [(left, "happy"), (right, "sad")],
+                 0.1: [(left, "happy"), (right, UNCERTAIN)],
+                 0.2: [(left, "happy"), (far, "angry")]}
+    candidate = {0.0: [(Box(10, 0, 100, 100), "happy"), (right, "angry")],  # left agrees, right does not
+                 0.1: [(right, "sad"), (Box(5, 5, 100, 100), "neutral")],   # left disagrees; right not counted
+                 0.2: [(left, "happy")]}                                   # far: no face there
+    result = agreement(reference, candidate)
+    assert (result.face_frames, result.found, result.agreed) == (5, 4, 2)
+    assert agreement(reference, reference).agreed == 5
+    assert agreement(reference, {}).found == 0
