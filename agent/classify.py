@@ -19,6 +19,7 @@ from agent.types import EMOTIONS, Box, EmotionScores
 
 logger = logging.getLogger(__name__)
 
+
 class EmotionClassifier(Protocol):
     def classify(self, image: np.ndarray, boxes: Sequence[Box]) -> list[EmotionScores]:
         """Scores for each box of `image` (a BGR frame as OpenCV gives it, or 2-D gray), in order."""
@@ -114,12 +115,13 @@ class TFLiteEmotionClassifier:
         self._input_dtype = np.dtype(spec["dtype"])
         if self._input_dtype not in (np.float32, np.int8, np.uint8):
             raise ModelError(f"{self.model_path}: unsupported input type {self._input_dtype}")
-        self._pixel_codes: np.ndarray | None = None  # quantized input: each pixel value's code
+        # Each pixel value's input, in [-1, 1] or, for a quantized model, as its code: one look-up
+        # a pixel, whatever the model's type.
+        self._pixel_table = scale_to_unit(np.arange(256, dtype=np.uint8))
         if self._input_dtype != np.float32:
             if not spec["quantization"][0]:
                 raise ModelError(f"{self.model_path}: quantized input without a scale")
-            self._pixel_codes = quantize(scale_to_unit(np.arange(256, dtype=np.uint8)), spec["quantization"],
-                                         self._input_dtype)
+            self._pixel_table = quantize(self._pixel_table, spec["quantization"], self._input_dtype)
         self._output = self._find_output(self._interpreter.get_output_details())
         self._output_quant = None if np.dtype(self._output["dtype"]) == np.float32 else self._output["quantization"]
         self._needs_softmax: bool | None = None  # decided on the first face, then fixed
@@ -138,7 +140,7 @@ class TFLiteEmotionClassifier:
         return candidates[0]
 
     def _run(self, face: np.ndarray) -> np.ndarray:
-        tensor = scale_to_unit(face) if self._pixel_codes is None else self._pixel_codes[face]
+        tensor = np.take(self._pixel_table, face)
         self._interpreter.set_tensor(self._input_index, tensor[None, :, :, None])
         self._interpreter.invoke()
         raw = dequantize(self._interpreter.get_tensor(self._output["index"]).reshape(-1), self._output_quant)

@@ -109,15 +109,16 @@ class BlazeFaceDetector:
         shape = tuple(int(v) for v in inp["shape"])
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
             raise ModelError(f"{model_path}: not a BlazeFace model (expected a square RGB input, got {shape})")
-        self._input_dtype = np.dtype(inp["dtype"])
-        if self._input_dtype == np.float32:
-            self._pixel_lut = None
-        elif self._input_dtype in (np.int8, np.uint8) and inp["quantization"][0]:
-            # each pixel value's code, scaled as the float path scales it: one look-up a pixel
-            self._pixel_lut = quantize(np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0,
-                                       inp["quantization"], self._input_dtype)
+        # Each pixel value's input, in [-1, 1] or, for a quantized model, as its code: one look-up
+        # a pixel fills the input whatever the model's type.
+        unit = np.arange(256, dtype=np.float32) * (2.0 / 255.0) - 1.0
+        input_dtype = np.dtype(inp["dtype"])
+        if input_dtype == np.float32:
+            self._pixel_table = unit
+        elif input_dtype in (np.int8, np.uint8) and inp["quantization"][0]:
+            self._pixel_table = quantize(unit, inp["quantization"], input_dtype)
         else:
-            raise ModelError(f"{model_path}: unsupported BlazeFace input type {self._input_dtype.name}")
+            raise ModelError(f"{model_path}: unsupported BlazeFace input type {input_dtype.name}")
         self._input_index = inp["index"]
         self._size = int(shape[1])
         boxes_out = scores_out = None
@@ -159,12 +160,9 @@ class BlazeFaceDetector:
         # aliased crops made held expressions late or missed on the real videos (agent.flicker).
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
         rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
-        if self._pixel_lut is None:
-            tensor = np.full((1, self._size, self._size, 3), -1.0, np.float32)  # black padding, in [-1, 1]
-            tensor[0, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = rgb.astype(np.float32) * (2.0 / 255.0) - 1.0
-        else:
-            tensor = np.full((1, self._size, self._size, 3), self._pixel_lut[0], self._input_dtype)
-            tensor[0, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = self._pixel_lut[rgb]
+        table = self._pixel_table
+        tensor = np.full((1, self._size, self._size, 3), table[0], table.dtype)  # black padding
+        tensor[0, pad_y:pad_y + new_h, pad_x:pad_x + new_w] = np.take(table, rgb)
         return PreparedFrame(tensor, width, height, scale, pad_x, pad_y)
 
     def run(self, prepared: PreparedFrame) -> list[Detection]:

@@ -280,6 +280,10 @@ class RunFigures:
     missed: int
     states: list[FrameStates] = field(default_factory=list)
 
+    @property
+    def steps(self) -> int:
+        return len(self.delays) + self.missed
+
 
 def measure_videos(videos: Sequence[str], cfg, detector, classifier, *, every: int = 1, hold_s: float = 1.0,
                    horizon_s: float = 3.0, max_frames: int | None = None, noise_seed: int | None = None,
@@ -351,21 +355,16 @@ def _p90(values: Sequence[float]) -> float:
 @dataclass(frozen=True)
 class Pooled:
     """Several runs' figures as one sample: what a change must be judged against."""
-    raw_changes: int
-    emitted_changes: int
-    face_seconds: float
-    delays: tuple[float, ...]      # sorted
+    figures: FlickerFigures        # the per-frame figures, summed over the runs
+    delays: tuple[float, ...]      # every run's spliced steps' delays, sorted
     missed: int
 
     @classmethod
     def of(cls, runs: Sequence[RunFigures]) -> Pooled:
-        return cls(sum(r.figures.raw_changes for r in runs), sum(r.figures.emitted_changes for r in runs),
-                   sum(r.figures.face_seconds for r in runs), tuple(sorted(d for r in runs for d in r.delays)),
-                   sum(r.missed for r in runs))
-
-    @property
-    def ratio(self) -> float:
-        return self.emitted_changes / self.raw_changes if self.raw_changes else 0.0
+        figures = FlickerFigures()
+        for run in runs:
+            figures.add(run.figures)
+        return cls(figures, tuple(sorted(d for r in runs for d in r.delays)), sum(r.missed for r in runs))
 
     @property
     def steps(self) -> int:
@@ -379,19 +378,16 @@ class Pooled:
     def missed_share(self) -> float:
         return self.missed / self.steps if self.steps else 0.0
 
-    def per_minute(self, count: int) -> float:
-        return count * 60.0 / self.face_seconds if self.face_seconds > 0 else 0.0
-
 
 def format_pooled(runs: Sequence[RunFigures]) -> str:
     """The runs' figures pooled, with each run's spread."""
     pooled = Pooled.of(runs)
-    delays = pooled.delays
-    per_run = ", ".join(f"{len(r.delays) + r.missed}/{r.missed}/{max(r.delays, default=0.0):.2f}" for r in runs)
+    f, delays = pooled.figures, pooled.delays
+    per_run = ", ".join(f"{r.steps}/{r.missed}/{max(r.delays, default=0.0):.2f}" for r in runs)
     timing = (f"event after median {statistics.median(delays):.2f} s, p90 {pooled.p90:.2f} s, "
               f"max {delays[-1]:.2f} s" if delays else "no step timed")
-    return (f"pooled over {len(runs)} runs: emitted changes {pooled.per_minute(pooled.emitted_changes):.1f} "
-            f"against raw {pooled.per_minute(pooled.raw_changes):.1f} per face-min (ratio {pooled.ratio:.3f}); "
+    return (f"pooled over {len(runs)} runs: emitted changes {f.per_minute(f.emitted_changes):.1f} "
+            f"against raw {f.per_minute(f.raw_changes):.1f} per face-min (ratio {f.ratio:.3f}); "
             f"spliced steps {pooled.steps}, missed {pooled.missed} ({pooled.missed_share:.1%}), {timing}\n"
             f"  per run, steps/missed/max delay: {per_run}")
 

@@ -70,4 +70,3 @@ def dequantize(codes: np.ndarray, quantization: tuple[float, int] | None) -> np.
         return codes.astype(np.float32, copy=False)
     scale, zero_point = quantization
     return (codes.astype(np.float32) - zero_point) * np.float32(scale)
-

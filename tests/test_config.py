@@ -28,14 +28,15 @@ def test_shipped_config_yaml_is_valid_and_documents_every_setting():
         assert path.split(".")[-1] + ":" in text, f"config.yaml does not document {path}"
 
 
-def test_a_bundled_model_can_be_named_without_its_folder(tmp_path):
+def test_a_bundled_model_can_be_named_without_its_folder(tmp_path, monkeypatch):
     from agent.model_files import default_model_path, resolve_model_path
 
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(write(tmp_path, "detector:\n  model: face_detection_full_range_int8.tflite\n"))
     assert resolve_model_path(cfg.detector.model) == default_model_path("face_detection_full_range_int8.tflite")
-    local = tmp_path / "face_detection_full_range_int8.tflite"  # a file of that name here comes first
-    local.write_bytes(b"x")
-    assert resolve_model_path(str(local)) == local
+    # a file of that name in the working folder comes first: the bare name then means it
+    Path("face_detection_full_range_int8.tflite").write_bytes(b"x")
+    assert resolve_model_path(cfg.detector.model) == Path("face_detection_full_range_int8.tflite")
 
 
 def test_overrides_replace_file_values(tmp_path):

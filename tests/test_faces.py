@@ -242,7 +242,7 @@ def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
     pooled = Pooled.of([measure_videos(videos, cfg, detector, classifier, noise_seed=seed)
                         for seed in (None, 1, 2, 3, 4)])
     # Emitted changes at most a fifth of the raw per-frame ones (measured: 0.033).
-    assert pooled.raw_changes > 500 and pooled.ratio <= 0.2
+    assert pooled.figures.raw_changes > 500 and pooled.figures.ratio <= 0.2
     # A held expression gets its event within about a second (measured: 220 of 223 steps, p90
     # 0.87 s, at most 1.10 s; the int8 face detector misses 16 of 157 and fails here).
     assert pooled.steps >= 150 and pooled.missed_share <= 0.05
