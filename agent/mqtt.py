@@ -197,6 +197,7 @@ class MqttPublisher:
             was_connected = self._connected
             self._connected = False
             self._resent = False
+            self._requeue_unsent_qos0()
             self._idle.notify_all()
         if was_connected and not self._closing:
             logger.warning("lost the broker connection (%s); reconnecting", reason_code)
@@ -234,6 +235,20 @@ class MqttPublisher:
                     self._unacked[info.mid] = message
             elif not message.retain:
                 self._queue(message)  # QoS 0 while the link was down: paho would drop it
+
+    def _requeue_unsent_qos0(self) -> None:
+        """QoS 0 messages paho had not finished writing when the link dropped: paho discards them
+        on reconnect without a callback, so they go back to the front of the backlog, in order, to
+        be sent on the next connect (a retained one needs not: its topic's latest value is re-sent
+        anyway). Left in `_unacked` they would never leave it. Called with the lock held."""
+        unsent = [mid for mid, message in self._unacked.items() if message.qos == 0]
+        if not unsent:
+            return
+        kept = [m for m in (self._unacked.pop(mid) for mid in unsent) if not m.retain]
+        backlog = kept + list(self._backlog)
+        self._backlog.clear()
+        for message in backlog:
+            self._queue(message)
 
     def _count_drop(self) -> None:
         self.dropped += 1
