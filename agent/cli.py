@@ -102,7 +102,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     logger.debug("configuration: %s", cfg.redacted())
     kept_publisher = None  # carried across a reload that leaves the connection as it was
     previous_cfg: Config | None = None
+    # Outside the loop: a SIGTERM or SIGHUP that comes while a reload builds the next agent (models
+    # loading, the old broker flushing) is acted on, not forgotten with the agent it was sent to.
+    terminate = threading.Event()  # also ends the wait for the broker after a file run
+    reload_pending = threading.Event()
     while True:
+        if terminate.is_set() and kept_publisher is not None:
+            # Stopped between two agents: the kept connection still says goodbye.
+            kept_publisher.flush(SIGNAL_FLUSH_S)
+            kept_publisher.close(timeout=1.0)
+            return 0
+        if terminate.is_set():
+            return 0
         try:
             agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, publisher=kept_publisher)
         except AgentError as exc:
@@ -113,23 +124,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             logger.error("SIGHUP: cannot start with the new configuration, keeping the old one: %s", exc)
             cfg, previous_cfg = previous_cfg, None  # with kept_publisher None, a new connection
             continue
-        reload_requested = False
-        signalled = False
-        stop_requested = threading.Event()  # also ends the wait for the broker after a file run
 
-        def on_stop(signum, _frame) -> None:
-            nonlocal signalled
-            signalled = True
-            stop_requested.set()
+        def on_stop(signum, _frame, agent=agent) -> None:
+            terminate.set()
             logger.info("received %s: stopping", signal.Signals(signum).name)
             agent.stop()
 
-        def on_hup(signum, _frame) -> None:
-            nonlocal reload_requested
+        def on_hup(signum, _frame, agent=agent) -> None:
             if args.config is None:
                 logger.warning("SIGHUP: no --config file to reload; ignored")
                 return
-            reload_requested = True
+            reload_pending.set()
             agent.notifier.reloading()  # before the loop's STOPPING=1, which systemd then ignores
             agent.stop()
 
@@ -137,6 +142,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_stop)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, on_hup)
+        if terminate.is_set() or reload_pending.is_set():
+            agent.stop()  # signalled while this agent was being built: it runs no frame
         if kept_publisher is None:
             agent.publisher.start()
         try:
@@ -145,7 +152,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             agent.source.close()
             if agent.preview is not None:
                 agent.preview.close()
-        if reload_requested:
+        if reload_pending.is_set() and not terminate.is_set():
+            reload_pending.clear()
             try:
                 new_cfg = load_config(args.config, _overrides(args))
                 _configure_logging(new_cfg.log_level)
@@ -167,13 +175,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             continue
         # Asked to stop (or a live source): exit promptly, as systemd expects; a file run waits longer
         # so that its exit status can promise every message was delivered.
-        prompt = signalled or agent.source.live
+        prompt = terminate.is_set() or agent.source.live
         delivered = agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S) if prompt else args.flush_timeout,
-                                          cancel=None if prompt else stop_requested)
+                                          cancel=None if prompt else terminate)
         undelivered = agent.publisher.pending()
         agent.publisher.close(timeout=1.0 if not delivered else 5.0)
         logger.info("processed %d frames, %d events", result.frames, result.events)
-        if not delivered and signalled:
+        if not delivered and terminate.is_set():  # a SIGTERM may also end the wait itself
             logger.warning("stopping with %d message(s) the broker has not acknowledged", undelivered)
             return 0
         if not delivered:

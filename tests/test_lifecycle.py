@@ -101,6 +101,27 @@ def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
     assert "new configuration rejected" in err and "mqtt.prot: unknown setting" in err
 
 
+def test_a_sigterm_during_a_reload_is_not_forgotten(broker, subscriber_factory, clip, tmp_path):
+    # systemd's stop can follow a reload at once; it used to stop the agent being replaced, and the
+    # next one ran on until systemd's SIGKILL.
+    config = tmp_path / "config.yaml"
+    config.write_text("smoothing:\n  dwell_s: 0.25\n")
+    sub = subscriber_factory(broker.port, "life/agent/#")
+    proc = start_agent(broker.port, clip, config=config)
+    try:
+        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    sub.wait_for(lambda m: m[0] == "life/agent/availability" and m[1] == b"offline")
+    assert "Traceback" not in err
+
+
 EVENT_LOG = re.compile(r"(face_appeared|emotion_changed|face_lost) face (\d+)")
 
 
