@@ -112,7 +112,9 @@ class SummaryWindow:
     _last: float | None = None
 
     def add_frame(self, now: float, faces: Sequence[TrackedFace], events: Sequence[Event] = ()) -> None:
-        # The time since the previous frame (or the window's start) is credited to these faces.
+        # The time since the previous frame (or the window's start) is credited to these faces, but
+        # never from before a face was first seen: a face new after a camera outage was not there
+        # for the outage.
         dt_s = max(0.0, now - (self.started if self._last is None else self._last))
         self._last = now
         self.frames += 1
@@ -120,7 +122,8 @@ class SummaryWindow:
         self.face_frame_sum += len(faces)
         for f in faces:
             self.seen_ids.add(f.face_id)
-            self.face_seconds[f.emotion] = self.face_seconds.get(f.emotion, 0.0) + dt_s
+            credit = min(dt_s, max(0.0, now - f.first_seen))
+            self.face_seconds[f.emotion] = self.face_seconds.get(f.emotion, 0.0) + credit
         self.add_events(events)
 
     def add_events(self, events: Sequence[Event]) -> None:

@@ -130,7 +130,7 @@ class Agent:
             "timestamp": payloads.iso_time(self.clock()),
             "uptime_s": round(time.monotonic() - self._started, 1),
             "frames": self.times.frames,
-            "fps": round(self.times.fps(), 2),
+            "fps": round(self.times.fps(time.monotonic()), 2),
             "latency_ms": self.times.latency_ms(),
             "dropped_frames": self.source.dropped(),
             "corrupt_frames": self.source.corrupt(),
@@ -218,8 +218,11 @@ class Agent:
         result = RunResult()
         m = self.cfg.mqtt
         self.publish_discovery()
+        # No face until a frame shows one: this replaces whatever an earlier process left retained
+        # (a crash, a watchdog restart, a camera absent at boot), which would read as faces in view.
+        self._publish_state([])
         window: payloads.SummaryWindow | None = None
-        last_state_key = None
+        last_state_key = payloads.state_key([])
         next_summary = next_stats = None
         faces: list[TrackedFace] = []
         frame = shown = None
@@ -237,6 +240,18 @@ class Agent:
                 # No frame from the camera: keep telling the world (stats carry the camera status),
                 # but never ping the watchdog, so a camera hung for good gets the service restarted.
                 self.notifier.status(f"camera {self.source.status()}")
+                if faces:
+                    # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a
+                    # live source's frame times are monotonic): a face seen after the outage is a new one.
+                    lost = self.tracker.expire(time.monotonic())
+                    if lost:
+                        faces = self.tracker.faces()
+                        self._publish_events(lost)
+                        result.events += len(lost)
+                        if window is not None:
+                            window.add_events(lost)
+                        self._publish_state(faces)
+                        last_state_key = payloads.state_key(faces)
                 if time.monotonic() >= self._next_idle_stats:
                     self._publish(self.topics.stats, self.stats_payload(), retain=True)
                     self._next_idle_stats = time.monotonic() + m.stats_interval_s

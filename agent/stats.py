@@ -30,11 +30,19 @@ class StageTimes:
         self.frames += 1
         self.frame_times.append(now)
 
-    def fps(self) -> float:
+    def fps(self, now: float | None = None) -> float:
+        """Frames a second over the recent frames; 0 at `now` (the frame clock, monotonic) when
+        none came for over a second and twice the usual interval: a stalled camera does not keep
+        reporting the rate it had."""
         if len(self.frame_times) < 2:
             return 0.0
         span = self.frame_times[-1] - self.frame_times[0]
-        return (len(self.frame_times) - 1) / span if span > 0 else 0.0
+        if span <= 0:
+            return 0.0
+        count = len(self.frame_times) - 1
+        if now is not None and now - self.frame_times[-1] > max(1.0, 2 * span / count):
+            return 0.0
+        return count / span
 
     def percentile_ms(self, stage: str, q: float) -> float:
         queue = self.samples.get(stage)

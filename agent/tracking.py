@@ -161,6 +161,14 @@ class BoxTracker:
         coasting = tuple(t for t in self._tracks if t not in seen)
         return TrackingStep(ids=tuple(ids), new=tuple(new), coasting=coasting, lost=tuple(lost))
 
+    def expire(self, now: float) -> tuple[int, ...]:
+        """Drops every track unseen for longer than the gap at `now`, with no frame to match it in
+        (the camera is gone); returns their ids. `update` would give each one more frame."""
+        lost = tuple(t.track_id for t in self._tracks.values() if now - t.last_seen > self.max_gap_s)
+        for track_id in lost:
+            del self._tracks[track_id]
+        return lost
+
     def close(self) -> tuple[int, ...]:
         """Drops every open track; returns their ids."""
         ids = tuple(self._tracks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -158,6 +159,18 @@ def test_a_summary_shares_the_time_between_states_and_sums_to_one():
     assert w["dominant_emotion"] == "sad"
     assert (w["frames"], w["distinct_faces"], w["max_faces"], w["mean_faces"]) == (6, 2, 2, 1.0)
     assert (payload["window_s"], payload["faces_in_view"], payload["dominant_emotion"]) == (5.0, 0, "none")
+
+
+def test_a_face_is_credited_no_time_from_before_it_was_first_seen():
+    # After a camera outage the first frame comes 30 s after the last: the face in it is new and
+    # was not in view (happy or otherwise) for those 30 s.
+    window = payloads.SummaryWindow(started=0.0)
+    window.add_frame(0.0, [])
+    new_face = dataclasses.replace(face(7, "happy"), first_seen=30.0, last_seen=30.0)
+    window.add_frame(30.0, [new_face])
+    window.add_frame(31.0, [dataclasses.replace(new_face, emotion="sad", last_seen=31.0)])
+    assert window.face_seconds == {"happy": 0.0, "sad": 1.0}
+    assert window.payload(31.0, [], WALL)["window"]["emotion_share"] == share(sad=1.0)
 
 
 def test_the_dominant_emotion_of_a_window_ignores_uncertain_time():

@@ -1,6 +1,8 @@
 """The loop itself, in process: real models and a real video file; messages kept in memory."""
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -8,6 +10,8 @@ from agent.capture import VideoFileSource
 from agent.config import load_config
 from agent.mqtt import MemoryPublisher
 from agent.pipeline import build_agent
+from agent.types import Frame
+from tests.conftest import astronaut_bgr
 from tests.test_end_to_end import still_video
 
 
@@ -62,3 +66,72 @@ def test_discovery_and_state_are_retained_events_are_not(tmp_path):
     assert all(m.retain for m in messages if m.topic in ("t/agent/state", "t/agent/stats"))
     assert not any(m.retain for m in messages if m.topic.startswith(("t/agent/event/", "t/agent/summary")))
     assert all(m.topic.startswith(("t/agent/", "homeassistant/")) for m in messages)
+
+
+class CameraWithOutage:
+    """A live source standing in for a camera that goes away and comes back (no camera can be
+    unplugged in a test): a real photo at 20 frames/s, then nothing for `outage_s`, then the photo
+    again until the agent is stopped. Frame times are monotonic, as LiveSource's are."""
+
+    live, still = True, False
+
+    def __init__(self, image, publisher, before_s=1.0, outage_s=3.0):
+        self.image, self.publisher = image, publisher
+        self.started = time.monotonic()
+        self.before_s, self.outage_s = before_s, outage_s
+        self.index = 0
+        self.messages_before_resume: int | None = None
+
+    def read(self):
+        elapsed = time.monotonic() - self.started
+        if self.before_s <= elapsed < self.before_s + self.outage_s:
+            time.sleep(0.2)  # LiveSource.read waits, then says there is nothing
+            return None
+        if elapsed >= self.before_s and self.messages_before_resume is None:
+            self.messages_before_resume = len(self.publisher.messages)
+        time.sleep(0.05)
+        self.index += 1
+        return Frame(self.image, time.monotonic(), self.index)
+
+    def status(self):
+        elapsed = time.monotonic() - self.started
+        return "reconnecting" if self.before_s <= elapsed < self.before_s + self.outage_s else "ok"
+
+    def dropped(self):
+        return 0
+
+    def corrupt(self):
+        return 0
+
+    def close(self):
+        pass
+
+
+def test_a_camera_outage_loses_the_faces_and_a_face_after_it_is_a_new_one():
+    cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent", "mqtt.stats_interval_s": 1})
+    publisher = MemoryPublisher()
+    camera = CameraWithOutage(astronaut_bgr(), publisher)
+    agent = build_agent(cfg, source=camera, publisher=publisher)
+    threading.Timer(5.5, agent.stop).start()
+    agent.run()
+    messages = [(m.topic, json.loads(m.payload)) for m in publisher.messages if m.topic.startswith("t/agent/")]
+    resume = sum(1 for m in publisher.messages[:camera.messages_before_resume] if m.topic.startswith("t/agent/"))
+    events = [(t.rsplit("/", 1)[1], p["face_id"]) for t, p in messages if t.endswith(("face_appeared", "face_lost"))]
+    assert [kind for kind, _ in events[:3]] == ["face_appeared", "face_lost", "face_appeared"]
+    (_, first), (_, lost), (_, second) = events[:3]
+    assert lost == first and second != first
+    # Lost while the camera was away, not when it came back; the state said so; the rate was 0.
+    lost_at = next(i for i, (t, _) in enumerate(messages) if t.endswith("event/face_lost"))
+    assert lost_at < resume
+    assert any(t == "t/agent/state" and p["faces_in_view"] == 0 for t, p in messages[lost_at:resume])
+    outage_stats = [p for t, p in messages[lost_at:resume] if t == "t/agent/stats"]
+    assert outage_stats and all(p["camera"] == "reconnecting" and p["fps"] == 0 for p in outage_stats)
+
+
+def test_the_first_state_says_no_face_before_any_frame(tmp_path):
+    agent = make_agent(tmp_path, 0.1)
+    agent.run()
+    first_state = next(m for m in agent.publisher.messages if m.topic == "t/agent/state")
+    assert json.loads(first_state.payload)["faces_in_view"] == 0
+    first_frame_message = next(i for i, m in enumerate(agent.publisher.messages) if m.topic.startswith("t/agent/event/"))
+    assert agent.publisher.messages.index(first_state) < first_frame_message

@@ -170,3 +170,17 @@ def test_jittery_small_faces_keep_their_ids():
                  face(900 - 20 * t + rng.normal(0, 3), 520 + rng.normal(0, 3), size=28 + rng.normal(0, 2))]
         ids.add(tracker.update(t, boxes).ids)
     assert ids == {(1, 2)}
+
+
+def test_expire_drops_only_the_tracks_unseen_for_longer_than_the_gap():
+    # No frame comes (a camera outage): update() would give each track one more frame to be
+    # matched in, expire() does not, and a face seen afterwards at the same place is a new one.
+    tracker = BoxTracker(max_gap_s=1.0)
+    first = tracker.update(0.0, [Box(100, 100, 50, 50)]).ids[0]
+    second = tracker.update(0.8, [Box(300, 100, 50, 50)]).new[0]
+    assert tracker.expire(1.5) == (first,)
+    assert tracker.open_ids == (second,)
+    assert tracker.expire(1.5) == ()
+    assert tracker.expire(2.0) == (second,)
+    after = tracker.update(2.1, [Box(100, 100, 50, 50)])
+    assert after.new == after.ids and after.ids[0] not in (first, second)
