@@ -56,13 +56,23 @@ def test_sigterm_publishes_final_summary_and_offline_then_exits_0_within_5_s(bro
     assert "Traceback" not in err
 
 
-def test_a_reload_that_keeps_the_broker_keeps_the_connection(broker, subscriber_factory, clip, tmp_path):
+def running_with_a_config(broker, subscriber_factory, clip, tmp_path):
+    """An agent run with a --config file (so SIGHUP reloads it), once it has emitted an emotion."""
     config = tmp_path / "config.yaml"
     config.write_text("smoothing:\n  dwell_s: 0.25\n")
     sub = subscriber_factory(broker.port, "life/agent/#")
     proc = start_agent(broker.port, clip, config=config)
     try:
         sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+    except BaseException:
+        proc.kill()
+        raise
+    return config, sub, proc
+
+
+def test_a_reload_that_keeps_the_broker_keeps_the_connection(broker, subscriber_factory, clip, tmp_path):
+    config, sub, proc = running_with_a_config(broker, subscriber_factory, clip, tmp_path)
+    try:
         config.write_text("smoothing:\n  dwell_s: 0.5\n")
         proc.send_signal(signal.SIGHUP)
         before = len(sub.all)
@@ -104,12 +114,8 @@ def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
 def test_a_sigterm_during_a_reload_is_not_forgotten(broker, subscriber_factory, clip, tmp_path):
     # systemd's stop can follow a reload at once; it used to stop the agent being replaced, and the
     # next one ran on until systemd's SIGKILL.
-    config = tmp_path / "config.yaml"
-    config.write_text("smoothing:\n  dwell_s: 0.25\n")
-    sub = subscriber_factory(broker.port, "life/agent/#")
-    proc = start_agent(broker.port, clip, config=config)
+    config, sub, proc = running_with_a_config(broker, subscriber_factory, clip, tmp_path)
     try:
-        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
