@@ -307,6 +307,8 @@ class LiveSource:
                     continue
                 failures = 0
                 delay = self._retry_initial
+                if self._status != "ok":
+                    self._set_status("ok")  # logged when the camera is back, not on every frame
                 with self._cond:
                     if self._latest_index > self._consumed_index:
                         self._dropped += 1  # overwritten before anyone took it

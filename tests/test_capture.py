@@ -74,19 +74,24 @@ def test_live_source_hands_out_only_the_newest_frame_and_counts_the_rest(tmp_pat
         source.close()
 
 
-def test_live_source_reopens_after_the_stream_ends(tmp_path):
+def test_live_source_reopens_after_the_stream_ends_and_says_when_it_is_back(tmp_path, caplog):
     clip = write_video(tmp_path / "clip.avi", frames=10, fps=30)
-    source = LiveSource(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
-    try:
-        seen = set()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(seen) < 15:
-            frame = source.read(timeout=1)
-            if frame is not None:
-                seen.add(frame.index)
-        assert len(seen) >= 15, "the source did not come back after the end of the stream"
-    finally:
-        source.close()
+    with caplog.at_level(logging.INFO, logger="agent.capture"):
+        source = LiveSource(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
+        try:
+            seen = set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(seen) < 15:
+                frame = source.read(timeout=1)
+                if frame is not None:
+                    seen.add(frame.index)
+            assert len(seen) >= 15, "the source did not come back after the end of the stream"
+        finally:
+            source.close()
+    said = [r.getMessage() for r in caplog.records]
+    went = [i for i, line in enumerate(said) if "reconnecting (it stopped giving frames" in line]
+    back = [i for i, line in enumerate(said) if line.endswith(": ok")]
+    assert went and back and back[-1] > went[0], said
 
 
 def test_live_source_that_cannot_open_keeps_retrying_and_says_so(tmp_path, caplog):
