@@ -278,7 +278,8 @@ class LiveSource:
 
     def _set_status(self, status: str, why: str = "") -> None:
         if status != self._status:
-            logger.log(logging.WARNING if status != "ok" else logging.INFO, "camera %s: %s%s", self._target, status,
+            what = "stream" if isinstance(self._target, str) and "://" in self._target else "camera"
+            logger.log(logging.WARNING if status != "ok" else logging.INFO, "%s %s: %s%s", what, self._target, status,
                        f" ({why}; retrying with backoff up to every {self._retry_max:g} s)" if why else "")
         with self._cond:
             self._status = status
@@ -355,10 +356,23 @@ class LiveSource:
         self._thread.join(timeout=5)
 
 
+# OpenCV takes a C int; beyond it, its capture thread dies on the conversion.
+MAX_CAMERA_INDEX = 2 ** 31 - 1
+
+
 def classify_source(source: str) -> tuple[str, int | str]:
     """('camera'|'stream'|'image'|'video', target) for a --source string, or SourceError."""
     text = source.strip()
+    if not text:
+        raise SourceError("source is empty (expected a camera index, an image or video file, or a URL)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding in a file name: OpenCV would crash on them
+        raise SourceError(f"source file name is not valid UTF-8 (rename the file): {text!r}") from None
     if text.isdigit():
+        if int(text) > MAX_CAMERA_INDEX:
+            raise SourceError(f"camera index too large: {text[:20]}{'…' if len(text) > 20 else ''} "
+                              f"(cameras are numbered from 0; /dev/video2 is 2)")
         return "camera", int(text)
     if text.lower().startswith(STREAM_SCHEMES):
         return "stream", text
@@ -367,19 +381,37 @@ def classify_source(source: str) -> tuple[str, int | str]:
         # Like a camera index, a device path that is not there is waited for: a USB camera may be
         # unplugged at start, or enumerate after the service.
         return "camera", str(path)
-    if not path.exists():
-        raise SourceError(f"source not found: {text} (expected a camera index, an image or video file, "
-                          "or an rtsp:// or http(s):// URL)")
-    if path.is_dir():
-        raise SourceError(f"source is a directory, not a file: {text}")
     try:
+        if not path.exists():
+            raise SourceError(f"source not found: {text} (expected a camera index, an image or video file, "
+                              "or an rtsp:// or http(s):// URL)")
+        if path.is_dir():
+            raise SourceError(f"source is a directory, not a file: {text}")
         with path.open("rb"):
             pass
     except PermissionError:
         raise SourceError(f"source not readable (permission denied): {text}") from None
+    except OSError as exc:  # a name too long, a folder on the way that cannot be entered
+        raise SourceError(f"cannot open source {text}: {exc.strerror or exc}") from None
     # By content, not by name: a photo saved without its suffix, or as .gif, is still one image.
     kind = "image" if cv2.haveImageReader(str(path)) or path.suffix.lower() in IMAGE_SUFFIXES else "video"
     return kind, str(path)
+
+
+def check_file_source(kind: str, target: int | str) -> None:
+    """SourceError unless an image or video file gives a frame: a file OpenCV opens can still hold
+    none (a video of a header only), and a run on it would end at once, having done nothing."""
+    if kind == "image" and cv2.imread(str(target), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
+        raise SourceError(f"cannot read image {target}: not an image file OpenCV can decode")
+    if kind == "video":
+        cap = cv2.VideoCapture(str(target))
+        try:
+            if not cap.isOpened():
+                raise SourceError(f"cannot open video {target}: not a video file OpenCV can decode")
+            if not cap.read()[0]:
+                raise SourceError(f"video {target} has no frame that can be decoded")
+        finally:
+            cap.release()
 
 
 def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False) -> FrameSource:
@@ -388,6 +420,7 @@ def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool 
     if kind == "image":
         return ImageSource(str(target))
     if kind == "video":
+        check_file_source(kind, target)
         return VideoFileSource(str(target), realtime=realtime, loop=loop)
     if camera_device_missing(kind, target):
         logger.warning("camera device %s is not present (yet): waiting for it", target)

@@ -73,11 +73,12 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.capture import camera_device_missing, classify_source  # OpenCV: once the config is valid
+    from agent.capture import camera_device_missing, check_file_source, classify_source  # OpenCV: once valid
 
     cfg = load_config(args.file)
     try:
         kind, target = classify_source(cfg.source)  # the checks `run` makes before opening it
+        check_file_source(kind, target)
     except SourceError as exc:
         raise ConfigError(f"{args.file}: source: {exc}") from None
     # What `run` loads before its first frame, so that OK here means it starts there.
@@ -116,7 +117,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 0
         try:
             agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, publisher=kept_publisher)
-        except AgentError as exc:
+        except Exception as exc:
             if previous_cfg is None:
                 raise
             # A reloaded config that validates can still fail to start (a source gone, a model the
@@ -160,6 +161,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 logger.info("SIGHUP: configuration reloaded from %s", args.config)
             except ConfigError as exc:
                 logger.error("SIGHUP: new configuration rejected, keeping the old one: %s", exc)
+                new_cfg = cfg
+            except Exception as exc:  # a running daemon must not die of a file someone edited
+                logger.error("SIGHUP: cannot read the new configuration, keeping the old one: %s: %s (%s)",
+                             type(exc).__name__, exc, _where(exc))
                 new_cfg = cfg
             if _same_connection(cfg, new_cfg, agent.publisher):
                 # The same broker, topics and queue: keep the connection and whatever waits in its
@@ -205,16 +210,45 @@ def _same_connection(old: Config, new: Config, publisher: MqttPublisher) -> bool
 COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame, for a one-line report of an error nothing foresaw."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else "?"
+
+
+def _silence_stdout() -> None:
+    # Output that cannot be written (a full disk) is lost either way; without this, Python's own
+    # flush at exit would print a second error, with a traceback.
     try:
-        return handler(args)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+        code = handler(args)
+        sys.stdout.flush()  # here, where a failure is still ours to report
+        return code
     except AgentError as exc:
         print(f"emotion-agent: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also during start-up, while the imports run
         return 130
+    except OSError as exc:
+        # What the system refused where no check looked: a full disk, a name too long.
+        _silence_stdout()
+        name = f"{exc.filename}: " if exc.filename else ""
+        print(f"emotion-agent: error: {name}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line that says where, rather than a traceback
+        print(f"emotion-agent: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"({_where(exc)}); please report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -202,6 +202,23 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 5] + "…" + text[-4:]
 
 
+# C0 and C1 control characters: no setting has a use for them, and a broker rejects a topic or a
+# client id holding one as malformed (the agent would only see a connection that keeps failing).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_text(value: str, path: str, lines: _Lines) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # Python's stand-ins for bytes that are not UTF-8 (a file name from the command line);
+        # OpenCV would crash on them.
+        _fail(lines, path, f"not valid UTF-8 text (a file name in another encoding? rename it): {_shown(value)}")
+    control = _CONTROL.search(value)
+    if control:
+        _fail(lines, path, f"contains a control character (U+{ord(control.group()):04X}): {_shown(value)}")
+
+
 def _fail(lines: _Lines, path: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"{lines.where(path)}{path}: {message}")
 
@@ -231,7 +248,10 @@ def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, line
             value = float(value)  # YAML 1.1 reads 1e9 (no dot, no sign) as text; people mean the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(lines, path, f"expected a number, got {_shown(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            _fail(lines, path, f"expected a finite number, got {_shown(value)}")
         if value != value or value in (float("inf"), float("-inf")):
             _fail(lines, path, f"expected a finite number, got {_shown(value)}")
     elif base is str:
@@ -239,6 +259,7 @@ def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, line
             value = str(value)  # `source: 0` means camera 0
         if not isinstance(value, str):
             _fail(lines, path, f"expected a string, got {_shown(value)}")
+        _check_text(value, path, lines)
     low, high, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if choices is not None and value not in choices:
         _fail(lines, path, f"expected one of {', '.join(choices)}, got {_shown(value)}")
@@ -287,11 +308,20 @@ def _model_file(setting: str | None) -> str | None:
     return str(resolve_model_path(setting)) if setting else None
 
 
+# U+FDD0..U+FDEF and the last two code points of every plane: MQTT forbids them in strings.
+_NONCHARACTER = re.compile("[\ufdd0-\ufdef\ufffe\uffff\U0001fffe\U0001ffff\U0002fffe\U0002ffff"
+                           "\U0003fffe\U0003ffff\U0010fffe\U0010ffff]")
+
+
 def _check_rules(cfg: Config, lines: _Lines) -> None:
     """Cross-field rules; no side effects."""
     m = cfg.mqtt
     if not m.host or re.search(r"\s|/|^[a-z]+:", m.host):
         _fail(lines, "mqtt.host", f"expected a host name or IP address (no scheme, no path), got {_shown(m.host)}")
+    try:
+        m.host.encode("idna")  # what the socket layer does first; it fails on "a..b" inside paho's thread
+    except UnicodeError:
+        _fail(lines, "mqtt.host", f"not a valid host name (empty or over-long part between dots), got {_shown(m.host)}")
     if len(m.host) > 253 or any(len(label) > 63 for label in m.host.split(".")):
         _fail(lines, "mqtt.host", f"not a valid host name (at most 253 characters, 63 between dots), "
               f"got {_shown(m.host)}")
@@ -310,6 +340,10 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
               f"publish there), got {_shown(prefix)}")
     if len(prefix.encode()) > 1024:
         _fail(lines, "mqtt.topic_prefix", f"too long: {len(prefix.encode())} bytes, expected at most 1024")
+    for path, text in (("mqtt.topic_prefix", prefix), ("mqtt.client_id", m.client_id or ""),
+                       ("mqtt.discovery.prefix", m.discovery.prefix)):
+        if _NONCHARACTER.search(text):
+            _fail(lines, path, f"contains a Unicode non-character, which MQTT forbids: {_shown(text)}")
     disc = m.discovery.prefix
     if not disc or any(c in disc for c in "#+\0") or disc.startswith(("/", "$")) or disc.endswith("/") \
             or len(disc.encode()) > 1024:
@@ -356,6 +390,10 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+
+
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Validated, frozen config from a YAML file (or the defaults) plus dotted-key overrides."""
     text = None
@@ -364,9 +402,12 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         origin = str(path)
         if not origin.strip():
             raise ConfigError("config path is empty")
-        if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
-            raise ConfigError(f"config path is not a regular file: {path}")  # /dev/zero would never end
         try:
+            if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+                raise ConfigError(f"config path is not a regular file: {path}")  # /dev/zero would never end
+            if Path(path).is_file() and Path(path).stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file too large: {path} ({Path(path).stat().st_size:,} bytes, "
+                                  f"at most {MAX_CONFIG_BYTES:,}; a full config is a few KB)")
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
@@ -376,14 +417,24 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file not readable (permission denied): {path}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+        except OSError as exc:  # a name too long, an I/O error
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
+        depth = 0
         for event in yaml.parse(text or ""):
             # Aliases have no use in this config, and a few nested ones make any walk of the
             # document exponential ("billion laughs").
             if isinstance(event, yaml.AliasEvent):
                 raise ConfigError(f"{origin}:{event.start_mark.line + 1}: YAML aliases (*{event.anchor}) "
                                   "are not supported in the config; write the value out")
+            # The config is three levels deep; thousands would exhaust PyYAML's recursion.
+            depth += isinstance(event, yaml.CollectionStartEvent) - isinstance(event, yaml.CollectionEndEvent)
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{origin}:{event.start_mark.line + 1}: nested more than {MAX_CONFIG_DEPTH} "
+                                  "levels deep; the config has three")
         data = yaml.safe_load(text) if text else {}
+    except ValueError:  # int() refuses a literal of over 4300 digits
+        raise ConfigError(f"{origin}: invalid YAML: a number of thousands of digits") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}: " if mark else f"{origin}: "

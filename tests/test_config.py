@@ -113,6 +113,17 @@ BAD_CONFIGS = [
     ("detector:\n  kind: haar\n  model: /dev/null\n", "detector.model: not a regular file"),
     ("mqtt:\n  port: 1883\n  port: 1884\n", "config.yaml:3: mqtt.port: set twice (first on line 2)"),
     ("mqtt:\n  host: a\nsource: 0\nmqtt:\n  port: 1\n", "config.yaml:4: mqtt: set twice (first on line 1)"),
+    # Found by a sweep of bad inputs: each of these used to end in a traceback, or in a broker that
+    # silently refused every message.
+    ("detector:\n  interval_s: 1" + "0" * 400 + "\n", "detector.interval_s: expected a finite number"),
+    ("mqtt:\n  port: 1" + "0" * 5000 + "\n", "invalid YAML: a number of thousands of digits"),
+    ("x: " + "[" * 5000 + "]" * 5000 + "\n", "config.yaml:1: nested more than 16 levels deep"),
+    ("".join(f"{' ' * i}k{i}:\n" for i in range(500)), "nested more than 16 levels deep"),
+    ('mqtt:\n  topic_prefix: "a\\ud800b"\n', "mqtt.topic_prefix: not valid UTF-8 text"),
+    ('mqtt:\n  topic_prefix: "a\\u0001b"\n', "mqtt.topic_prefix: contains a control character (U+0001)"),
+    ('mqtt:\n  client_id: "a\\x7fb"\n', "mqtt.client_id: contains a control character (U+007F)"),
+    ('mqtt:\n  discovery:\n    prefix: "ha\\ufffe"\n', "mqtt.discovery.prefix: contains a Unicode non-character"),
+    ("mqtt:\n  host: a..b\n", "mqtt.host: not a valid host name (empty or over-long part between dots)"),
 ]
 
 
@@ -129,11 +140,19 @@ def test_bad_config_is_one_clear_line(tmp_path, capsys, text, message):
     assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def big_config(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("#" * (2 << 20) + "\n")  # read in 30 s, before a size limit
+    return path
+
+
 @pytest.mark.parametrize("make_path, message", [
     (lambda tmp: tmp / "nope.yaml", "config file not found"),
     (lambda tmp: tmp, "config path is a directory"),
     (lambda tmp: "/dev/zero", "config path is not a regular file: /dev/zero"),  # would be read forever
     (lambda tmp: "", "config path is empty"),
+    (lambda tmp: tmp / ("a" * 300), "cannot read config file"),  # ENAMETOOLONG
+    (lambda tmp: big_config(tmp), "config file too large"),
 ])
 def test_unusable_config_path_is_one_line(tmp_path, capsys, make_path, message):
     assert main(["check-config", str(make_path(tmp_path))]) == 2

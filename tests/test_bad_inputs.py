@@ -1,0 +1,74 @@
+"""Bad inputs a user can give the daemon's commands: each is one line on stderr and an exit code.
+
+Found by a sweep of bad inputs; each used to end in a traceback, a crash, or a run that did nothing
+and said it was fine. Run as a user would, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_capture import write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def agent(*args: str | bytes, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], stdout=stdout, stderr=subprocess.PIPE,
+                          timeout=120, cwd=REPO)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    err = result.stderr.decode()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("emotion-agent:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def header_only_video(tmp_path: Path) -> Path:
+    path = write_video(tmp_path / "empty.avi", frames=0)
+    assert path.stat().st_size > 0
+    return path
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_opencv_crashes_on_it(tmp_path):
+    # OpenCV segfaults on Python's stand-ins for such bytes: exit 139, nothing said.
+    result = agent("run", "--source", b"v\xff.mp4")
+    assert result.returncode == 2
+    assert "not valid UTF-8" in one_line_error(result)
+
+
+def test_a_video_without_a_frame_is_refused_by_run_and_by_check_config(tmp_path):
+    video = header_only_video(tmp_path)
+    result = agent("run", "--source", str(video))
+    assert result.returncode == 4
+    assert "has no frame that can be decoded" in one_line_error(result)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"source: {video}\n")
+    result = agent("check-config", str(config))
+    assert result.returncode == 2
+    assert "has no frame that can be decoded" in one_line_error(result)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("2147483648", "camera index too large"),   # OpenCV's capture thread died on it; run went on, idle
+    ("a" * 300, "cannot open source"),          # ENAMETOOLONG
+])
+def test_sources_check_config_used_to_pass(tmp_path, source, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"source: '{source}'\n")
+    result = agent("check-config", str(config))
+    assert result.returncode == 2
+    assert message in one_line_error(result)
+
+
+def test_output_that_cannot_be_written_is_one_line():
+    with open("/dev/full", "wb") as full:
+        result = agent("check-config", str(REPO / "config.yaml"), stdout=full)
+    assert result.returncode == 1
+    assert "No space left on device" in one_line_error(result)
