@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0: nan, inf, 0 and below are typos that would only fail after the work."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
+    return value
 
 
 MAX_SECONDS = 86400  # a day: beyond it, a typo, not a wish
@@ -76,3 +88,22 @@ def make_output_folder(folder: Path, option: str) -> None:
         raise AgentError(f"{option}: cannot create folder {folder}: {exc.strerror}") from None
     if not os.access(folder, os.W_OK):
         raise AgentError(f"{option}: folder not writable: {folder}")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Make sure `path` can be written now, before minutes of measuring, or say in one line why
+    not: its folder is created, and the file opened for appending (and removed again if it was new),
+    which catches a folder in the way, a name too long and a place no file can be made."""
+    make_output_folder(path.parent, option)
+    try:
+        if path.is_dir():
+            raise AgentError(f"{option}: {path} is a folder, not a file")
+        if path.exists() and not path.is_file():
+            raise AgentError(f"{option}: {path} is not a regular file")  # a FIFO would block
+        existed = os.path.lexists(path)
+        with path.open("ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise AgentError(f"{option}: cannot write {path}: {exc.strerror or exc}") from None

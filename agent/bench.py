@@ -21,8 +21,8 @@ from pathlib import Path
 
 import cv2
 
-from agent.argtypes import make_output_folder, name_part, positive_int
-from agent.capture import VideoFileSource, classify_source
+from agent.argtypes import check_output_file, name_part, positive_int
+from agent.capture import VideoFileSource, check_file_source, classify_source
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
 from agent.machine import describe, format_machine
@@ -200,7 +200,7 @@ def run_bench(video: str, *, config_path: str | None = None, max_frames: int | N
     kind, _ = classify_source(video)  # one clear line for a missing file, a folder, a URL
     if kind != "video":
         raise SourceError(f"bench needs a video file; {video} is {'an' if kind == 'image' else 'a'} {kind}")
-    VideoFileSource(video).close()  # one clear error for an unreadable file
+    check_file_source(kind, video)  # one clear line for a file with no frame to time
     if classic:
         from agent.classic import check_tensorflow_installed
 
@@ -263,11 +263,17 @@ def format_report(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def plot_paths(video: str, directory: Path, name: str | None = None) -> tuple[Path, Path]:
+    """Where `plot` writes: the latency and the frames/s plot."""
+    name = name or Path(video).stem
+    return directory / f"latency_{name}.png", directory / f"fps_{name}.png"
+
+
 def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]:
-    from agent.eval_emotion import require_pyplot
+    from agent.eval_emotion import require_pyplot, save_figure
 
     plt = require_pyplot()
-    directory.mkdir(parents=True, exist_ok=True)
+    latency_path, fps_path = plot_paths(r.video, directory, name)
     name = name or Path(r.video).stem
     out = []
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -280,9 +286,7 @@ def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]
     ax.set_title(f"agent latency per stage: {name}")
     ax.legend()
     fig.tight_layout()
-    out.append(directory / f"latency_{name}.png")
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
+    out.append(save_figure(plt, fig, latency_path, dpi=110))
     fig, ax = plt.subplots(figsize=(6, 2.6))
     bars = [("agent", r.agent.fps)]
     if r.decode_only:
@@ -295,9 +299,7 @@ def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]
     ax.set_xlabel("frames/s")
     ax.set_title(f"frames/s: {name}")
     fig.tight_layout()
-    out.append(directory / f"fps_{name}.png")
-    fig.savefig(out[-1], dpi=110)
-    plt.close(fig)
+    out.append(save_figure(plt, fig, fps_path, dpi=110))
     return out
 
 
@@ -308,7 +310,8 @@ def _cmd(args: argparse.Namespace) -> int:
         from agent.eval_emotion import check_pyplot_installed
 
         check_pyplot_installed()
-        make_output_folder(Path(args.plot), "--plot")
+        for path in plot_paths(args.video, Path(args.plot), args.plot_name):
+            check_output_file(path, "--plot")
     result = run_bench(args.video, config_path=args.config, max_frames=args.max_frames,
                        decode=not args.no_decode, classic=not args.no_classic, rounds=args.rounds)
     if args.json:

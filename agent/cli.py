@@ -68,8 +68,9 @@ def _add_optional_commands(sub) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {"source": args.source, "mqtt.host": args.mqtt_host, "mqtt.port": args.mqtt_port,
-            "mqtt.topic_prefix": args.topic_prefix, "log_level": args.log_level}
+    given = {"source": args.source, "mqtt.host": args.mqtt_host, "mqtt.port": args.mqtt_port,
+             "mqtt.topic_prefix": args.topic_prefix, "log_level": args.log_level}
+    return {key: value for key, value in given.items() if value is not None}  # None: the option was not given
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

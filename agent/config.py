@@ -445,8 +445,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of settings at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_path(data, dotted, value)
+        _set_path(data, dotted, value)  # None too: `--set classifier.model=null` means the bundled default
     lines = _Lines(text, origin)
     if lines.duplicates:
         # YAML would silently keep the last one: a typo'd copy of a section must not win unseen.

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from agent.argtypes import make_output_folder, plot_file, positive_int
+from agent.argtypes import check_output_file, plot_file, positive_int
 from agent.config import load_config
 from agent.errors import AgentError, SourceError
 
@@ -23,7 +23,7 @@ def _cmd(args: argparse.Namespace) -> int:
         from agent.eval_emotion import require_pyplot
 
         require_pyplot()
-        make_output_folder(args.plot.parent, "--plot")
+        check_output_file(args.plot, "--plot")
     cfg = load_config(args.config)
     if not args.target.strip():
         raise SourceError("DIR: empty path")

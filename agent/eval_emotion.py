@@ -86,7 +86,7 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
     """Gray faces and labels from `root/<class name>/*`; at most `limit` images per class, taken in
     name order so a limited run is the same run every time."""
     root = Path(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    folders = sorted(p for p in _listing(root) if p.is_dir()) if root.is_dir() else []
     unknown = [p.name for p in folders if p.name.lower() not in EMOTION_LABELS]
     if unknown:
         raise SourceError(f"{root}: unknown class folder(s) {', '.join(unknown)}; expected {', '.join(EMOTION_LABELS)}")
@@ -96,7 +96,7 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
     labels: list[int] = []
     unreadable: list[str] = []
     for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in _listing(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in files[:limit] if limit is not None else files:
             image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
             if image is None:
@@ -108,6 +108,13 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
     if not faces:
         raise SourceError(f"{root}: no readable images in the class folders")
     return LabelledFaces(faces, np.asarray(labels, dtype=np.int64), tuple(unreadable))
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as exc:
+        raise SourceError(f"cannot list folder {folder}: {exc.strerror or exc}") from None
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> tuple[tuple[int, ...], ...]:
@@ -192,8 +199,16 @@ def plot_confusion(result: EmotionEvalResult, path: Path) -> Path:
                     color="white" if shares[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, label="share of the true class")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save_figure(plt, fig, Path(path), dpi=120)
+
+
+def save_figure(plt, fig, path: Path, dpi: int) -> Path:
+    """`fig` written to `path` and closed; an OSError (a full disk) as one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    except OSError as exc:  # the report is printed by then: only the plot is lost
+        raise AgentError(f"cannot write plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
     return path

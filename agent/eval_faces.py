@@ -50,7 +50,7 @@ def parse_imglab(xml_path: Path) -> list[MarkedImage]:
     """Images and their boxes (`<box top left width height>`, `ignore='1'` skipped)."""
     try:
         root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError) as exc:
+    except (ET.ParseError, OSError, LookupError) as exc:  # LookupError: an unknown encoding="..."
         raise SourceError(f"cannot read imglab XML {xml_path}: {exc}") from None
     images = []
     for image in root.iter("image"):

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError, SourceError
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.progress import Progress
@@ -393,14 +393,23 @@ def format_pooled(runs: Sequence[RunFigures]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.argtypes import non_negative_int, positive_int
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the reports printed so far stand, and no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from agent.argtypes import non_negative_int, positive_float, positive_int
     from agent.config import load_config
 
     p = argparse.ArgumentParser(prog="python -m agent.flicker", description=__doc__.splitlines()[0])
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("--config", metavar="FILE", help="agent config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. smoothing.dwell_s=0.5 (repeatable)")
+                   help="override a setting, the value read as in the YAML config, e.g. smoothing.dwell_s=0.5, "
+                        "detector.threads=2, classifier.model=null (repeatable)")
     p.add_argument("--every", type=positive_int, default=1, metavar="N",
                    help="keep every Nth frame, at its own timestamp (a slower camera)")
     p.add_argument("--noise-runs", type=non_negative_int, default=0, metavar="N",
@@ -408,25 +417,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--agreement", action="store_true",
                    help="compare the emitted emotions, frame by frame, with the built-in defaults run with the "
                         "detector on every frame (each noise run with the same noise)")
-    p.add_argument("--hold-s", type=float, default=1.0, help="how long a raw change must hold to be timed")
-    p.add_argument("--horizon-s", type=float, default=3.0, help="longest delay that still counts as a hit")
-    p.add_argument("--max-frames", type=int, metavar="N")
+    p.add_argument("--hold-s", type=positive_float, default=1.0, help="how long a raw change must hold to be timed")
+    p.add_argument("--horizon-s", type=positive_float, default=3.0,
+                   help="longest delay that still counts as a hit")
+    p.add_argument("--max-frames", type=positive_int, metavar="N")
     args = p.parse_args(argv)
     # INFO for agent.progress's periodic lines when stderr is not a terminal; the rest stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.progress").setLevel(logging.INFO)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = float(value)
-        except ValueError:
-            overrides[key] = value
     try:
-        return _run(args, load_config(args.config, overrides))
+        cfg = load_config(args.config, dict(parse_setting(item) for item in args.set))
+        check_videos(args.videos)  # every one, before minutes of measuring the first
+        return _run(args, cfg)
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def parse_setting(item: str) -> tuple[str, object]:
+    """`KEY=VALUE` from --set, the value read as the same text in the YAML config would be: 2 an
+    integer, true a boolean, null none, 0.5 a number, anything else a string."""
+    import yaml
+
+    key, equals, text = item.partition("=")
+    if not equals or not key.strip() or not text.strip():
+        raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise ConfigError(f"--set {key}: YAML aliases are not supported; write the value out")
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {key}: invalid value {text!r}: {problem}") from None
+
+
+def check_videos(videos: Sequence[str]) -> None:
+    """A one-line SourceError for the first video that is missing, not a video file, or gives no frame."""
+    from agent.capture import check_file_source, classify_source
+
+    for video in videos:
+        kind, target = classify_source(video)
+        if kind != "video":
+            raise SourceError(f"{video}: expected a video file, got {'an' if kind == 'image' else 'a'} {kind}")
+        check_file_source(kind, target)
 
 
 def _run(args: argparse.Namespace, cfg) -> int:

@@ -18,19 +18,26 @@ from agent.errors import ModelError
 logger = logging.getLogger(__name__)
 
 
+def _not_installed(exc: ImportError) -> None:
+    """Returns for a runtime that is not there; re-raises a Ctrl-C that came during its import,
+    which an extension module's initialisation reports as an ImportError caused by it."""
+    if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+        raise KeyboardInterrupt from None
+
+
 def _interpreter_class() -> tuple[type, str]:
     try:
         from ai_edge_litert.interpreter import Interpreter
 
         return Interpreter, "ai-edge-litert"
-    except ImportError:
-        pass
+    except ImportError as exc:
+        _not_installed(exc)
     try:
         from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
 
         return Interpreter, "tflite-runtime"
-    except ImportError:
-        pass
+    except ImportError as exc:
+        _not_installed(exc)
     try:
         import tensorflow as tf  # heavy: only when nothing lighter is installed
 

@@ -72,3 +72,15 @@ def test_output_that_cannot_be_written_is_one_line():
         result = agent("check-config", str(REPO / "config.yaml"), stdout=full)
     assert result.returncode == 1
     assert "No space left on device" in one_line_error(result)
+
+
+def test_ctrl_c_during_the_runtime_import_is_not_taken_for_a_missing_runtime():
+    # An extension module's initialisation reports a Ctrl-C as an ImportError caused by it; taken
+    # for "not installed", the agent fell back to TensorFlow and ran on to the end.
+    from agent.interpreter import _not_installed
+
+    interrupted = ImportError("initialization failed")
+    interrupted.__cause__ = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        _not_installed(interrupted)
+    assert _not_installed(ImportError("No module named 'tflite_runtime'")) is None

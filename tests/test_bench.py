@@ -3,11 +3,19 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import cv2
 import pytest
 
 from agent.cli import main
 from tests.test_end_to_end import still_video
+
+
+def empty_video(path: Path) -> Path:
+    """A video OpenCV opens but gets no frame from: the header of a recording stopped at once."""
+    cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48)).release()
+    return path
 
 
 def test_bench_reports_every_figure_for_the_agent_and_decode_only(tmp_path, capsys):
@@ -51,13 +59,17 @@ BAD_BENCH_INPUTS = [
     (["{video}", "--plot", "{photo}"], "--plot: not a folder"),                # before measuring
     (["{video}", "--plot", "/proc/x"], "--plot: cannot create folder /proc/x"),
     (["{video}", "--plot-name", "a/b"], "expected a name without '/'"),
+    (["{empty}"], "video {empty} has no frame that can be decoded"),
+    (["{video}", "--plot", "{tmp}/taken"], "--plot: {tmp}/taken/fps_clip.png is a folder, not a file"),
+    (["{video}", "--plot", "{tmp}/p", "--plot-name", "n" * 300], "File name too long"),
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_BENCH_INPUTS, ids=[m for _, m in BAD_BENCH_INPUTS])
+@pytest.mark.parametrize("args, message", BAD_BENCH_INPUTS, ids=[m[:60] for _, m in BAD_BENCH_INPUTS])
 def test_bench_bad_input_is_one_line_before_any_measuring(tmp_path, capsys, smiling_photo, args, message):
     video = still_video(tmp_path / "clip.avi", seconds=1)
-    names = {"tmp": tmp_path, "photo": smiling_photo, "video": video}
+    (tmp_path / "taken" / "fps_clip.png").mkdir(parents=True)
+    names = {"tmp": tmp_path, "photo": smiling_photo, "video": video, "empty": empty_video(tmp_path / "empty.avi")}
     try:
         code = main(["bench", *(a.format(**names) for a in args), "--no-classic"])
     except SystemExit as exit_:  # argparse's own one-line usage error
@@ -66,6 +78,20 @@ def test_bench_bad_input_is_one_line_before_any_measuring(tmp_path, capsys, smil
     assert code != 0 and captured.out == ""
     assert message.format(**names) in captured.err and captured.err.count("error:") == 1
     assert "Traceback" not in captured.err
+
+
+def test_bench_plots_that_cannot_be_saved_are_a_one_line_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    from agent.bench import BenchResult, PipelineFigures, plot
+    from agent.errors import AgentError
+
+    figures = PipelineFigures(frames=10, seconds=0.1, fps=100.0, cpu_s_per_frame=0.01,
+                              latency_ms={"detect": {"p50": 1.0, "p99": 2.0}})
+    result = BenchResult(video="clip.avi", frames_in_video=10, agent=figures, startup_s=0.5, peak_rss_mib=100.0,
+                         events=0)
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(AgentError, match=f"^cannot write plot {tmp_path}/file/latency_clip.png: File exists$"):
+        plot(result, tmp_path / "file")
 
 
 def test_bench_without_tensorflow_says_so_before_measuring(tmp_path, capsys, monkeypatch):

@@ -235,3 +235,10 @@ def test_a_password_file_that_cannot_be_used_is_one_line(tmp_path, username, con
 def test_haar_with_a_model_file_is_refused_rather_than_ignored(tmp_path):
     with pytest.raises(ConfigError, match="detector.model: applies to blazeface only"):
         load_config(write(tmp_path, f"detector:\n  kind: haar\n  model: {ROOT / 'config.yaml'}\n"))
+
+
+def test_an_override_of_null_sets_the_bundled_default_over_the_file(tmp_path):
+    # `python -m agent.flicker --config int8.yaml --set detector.model=null` used to keep the file's model.
+    path = write(tmp_path, "detector:\n  model: face_detection_full_range_int8.tflite\n")
+    assert load_config(path).detector.model is not None
+    assert load_config(path, {"detector.model": None}).detector.model is None

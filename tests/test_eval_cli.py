@@ -1,6 +1,10 @@
 """`emotion-agent eval` end to end through the real command."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import cv2
 import pytest
@@ -48,6 +52,8 @@ def test_eval_margins_reports_each_margin(tiny_fer, capsys):
       "height='5'/></image></images></dataset>}"], "a <box> needs positive width and height"),
     (["eval", "--faces", "{xml:<dataset><images><image file='a.jpg'><box top='nan' left='1' width='3' "
       "height='5'/></image></images></dataset>}"], "a <box> needs finite numbers"),
+    (["eval", "--faces", "{xml:<?xml version='1.0' encoding='bogus'?><dataset/>}"],
+     "marks.xml: unknown encoding: bogus"),
 ])
 def test_eval_bad_input_is_one_line(tmp_path, capsys, args, message):
     def expand(arg: str) -> str:
@@ -67,6 +73,51 @@ def test_eval_plot_draws_into_a_new_folder(tiny_fer, tmp_path_factory, capsys):
     target = tmp_path_factory.mktemp("plots") / "new" / "folder" / "confusion.png"
     assert main(["eval", str(tiny_fer), "--plot", str(target)]) == 0
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("plot, message", [
+    ("{out}/taken.png", "--plot: {out}/taken.png is a folder, not a file"),
+    ("/proc/x.png", "/proc"),  # root may create nothing there; anyone else may not write there
+    ("{out}/" + "n" * 300 + ".png", "File name too long"),
+])
+def test_eval_plot_that_cannot_be_written_is_one_line_before_any_work(tiny_fer, tmp_path_factory, capsys,
+                                                                       plot, message):
+    out = tmp_path_factory.mktemp("plots")
+    (out / "taken.png").mkdir()
+    assert main(["eval", "--limit", "5", "--plot", plot.format(out=out), str(tiny_fer)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("emotion-agent: error: --plot: ") and message.format(out=out) in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["taken.png"]  # the write check leaves nothing behind
+
+
+def run_unprivileged(*args: str) -> subprocess.CompletedProcess:
+    """`python -m agent ARGS`, without root's power to read any folder: as root, under setpriv with
+    the capabilities that bypass file permissions dropped."""
+    command = [sys.executable, "-m", "agent", *args]
+    if os.geteuid() == 0:
+        setpriv = [shutil.which("setpriv") or "setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        try:
+            usable = subprocess.run([*setpriv, "true"], capture_output=True, timeout=10).returncode == 0
+        except OSError:
+            usable = False
+        if not usable:
+            pytest.skip("running as root without a usable setpriv: no folder can be made unreadable")
+        command = setpriv + command
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("unreadable", ["happy", ""], ids=["a class folder", "the folder itself"])
+def test_eval_on_a_folder_it_cannot_list_is_one_line(tiny_fer, unreadable):
+    folder = tiny_fer / unreadable
+    folder.chmod(0)
+    try:
+        done = run_unprivileged("eval", str(tiny_fer))
+    finally:
+        folder.chmod(0o755)
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.endswith(f"emotion-agent: error: cannot list folder {folder}: Permission denied\n")
+    assert "Traceback" not in done.stderr
 
 
 def test_eval_plot_without_matplotlib_is_one_line_before_any_work(tiny_fer, capsys, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from agent.classify import TFLiteEmotionClassifier, crop_face
 from agent.model_files import default_model_path
-from agent.errors import SourceError
+from agent.errors import AgentError, SourceError
 from agent.eval_emotion import evaluate_folder, format_report, load_folder, plot_confusion
 from agent.types import EMOTION_LABELS, Box
 
@@ -98,6 +98,14 @@ def test_plot_writes_a_png(faces_dir, classifier, tmp_path):
     pytest.importorskip("matplotlib")
     path = plot_confusion(evaluate_folder(faces_dir, classifier), tmp_path / "confusion.png")
     assert cv2.imread(str(path)) is not None
+
+
+def test_plot_that_cannot_be_saved_is_a_one_line_error(faces_dir, classifier, tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "file").write_text("in the way")
+    target = tmp_path / "file" / "confusion.png"
+    with pytest.raises(AgentError, match=f"^cannot write plot {target}: File exists$"):
+        plot_confusion(evaluate_folder(faces_dir, classifier), target)
 
 
 @pytest.mark.parametrize("model, at_least", [

@@ -46,6 +46,7 @@ def test_imglab_boxes_are_read_and_ignored_ones_skipped(tmp_path):
     (imglab("<image file='a.jpg'><box top='1' left='2' width='3'/></image>"), "needs numeric top, left"),
     (imglab("<image file='a.jpg'><box top='x' left='2' width='3' height='4'/></image>"), "needs numeric"),
     (imglab("<image><box top='1' left='2' width='3' height='4'/></image>"), "without a file attribute"),
+    ("<?xml version='1.0' encoding='bogus'?><dataset/>", "cannot read imglab XML .*unknown encoding: bogus"),
 ])
 def test_malformed_imglab_is_one_line(tmp_path, body, message):
     (tmp_path / "marks.xml").write_text(body)
