@@ -84,6 +84,23 @@ def camera_device_missing(kind: str, target: int | str) -> bool:
     return kind == "camera" and isinstance(target, str) and not Path(target).exists()
 
 
+def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
+    """cv2.imread for any file name, None where imread gives None. OpenCV crashes on a name that
+    is not UTF-8 (Python hands it over with stand-ins for the odd bytes): for such a name Python
+    reads the bytes and OpenCV only decodes them (imdecode, which gives up on a JPEG cut short
+    where imread shows its top part, so only there)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            data = np.fromfile(name, np.uint8)
+        except (OSError, ValueError):
+            return None
+        return cv2.imdecode(data, flags) if data.size else None
+    return cv2.imread(name, flags)
+
+
 class ImageSource:
     """A single image file: one frame, then the end."""
 
@@ -91,7 +108,7 @@ class ImageSource:
     still = True
 
     def __init__(self, path: str):
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        image = read_image(path)
         if image is None:
             raise SourceError(f"cannot read image {path}: not an image file OpenCV can decode")
         if _truncated_jpeg(path):
@@ -401,7 +418,7 @@ def classify_source(source: str) -> tuple[str, int | str]:
 def check_file_source(kind: str, target: int | str) -> None:
     """SourceError unless an image or video file gives a frame: a file OpenCV opens can still hold
     none (a video of a header only), and a run on it would end at once, having done nothing."""
-    if kind == "image" and cv2.imread(str(target), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
+    if kind == "image" and read_image(target, cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
         raise SourceError(f"cannot read image {target}: not an image file OpenCV can decode")
     if kind == "video":
         cap = cv2.VideoCapture(str(target))

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from agent.capture import read_image
 from agent.classify import CroppedFaceClassifier
 from agent.errors import AgentError, SourceError
 from agent.types import EMOTION_LABELS
@@ -98,7 +99,7 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
     for folder in folders:
         files = sorted(p for p in _listing(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in files[:limit] if limit is not None else files:
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            image = read_image(path, cv2.IMREAD_GRAYSCALE)
             if image is None:
                 logger.warning("cannot read %s; skipped", path)
                 unreadable.append(str(path))

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import cv2
 
+from agent.capture import read_image
 from agent.detect import FaceDetector
 from agent.errors import SourceError
 from agent.types import Box
@@ -118,7 +119,7 @@ def evaluate_detector(xml_paths: Sequence[Path], detector: FaceDetector) -> Face
     hits = {t: 0 for t in IOU_THRESHOLDS}
     seconds = 0.0
     for marked in images:
-        frame = cv2.imread(str(marked.path))
+        frame = read_image(marked.path)
         if frame is None:
             raise SourceError(f"cannot read image {marked.path} named in the XML")
         start = time.perf_counter()

@@ -6,6 +6,7 @@ and said it was fine. Run as a user would, in a subprocess.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,20 @@ def test_ctrl_c_during_the_runtime_import_is_not_taken_for_a_missing_runtime():
     with pytest.raises(KeyboardInterrupt):
         _not_installed(interrupted)
     assert _not_installed(ImportError("No module named 'tflite_runtime'")) is None
+
+
+def test_eval_reads_a_face_whose_file_name_is_not_utf8(tmp_path):
+    # cv2.imread segfaulted on the name; the bytes are now read by Python and decoded by OpenCV.
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "faces" / "happy"
+    folder.mkdir(parents=True)
+    ok, encoded = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))
+    for name in (b"plain.png", b"caf\xe9.png"):
+        with open(bytes(folder) + b"/" + name, "wb") as f:
+            f.write(encoded.tobytes())
+    result = agent("eval", str(tmp_path / "faces"), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert (report["count"], report["unreadable"]) == (2, 0)
