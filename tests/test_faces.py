@@ -250,7 +250,7 @@ def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["missing.mp4"], "cannot open video missing.mp4"),
+    (["missing.mp4"], "source not found: missing.mp4"),
     (["missing.mp4", "--set", "detector.interval_s=x"], "detector.interval_s: expected a number"),
 ])
 def test_flicker_reports_a_bad_input_in_one_line(capsys, argv, message):
