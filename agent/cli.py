@@ -173,6 +173,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 kept_publisher = agent.publisher
             else:
                 kept_publisher = None
+                from agent.pipeline import retained_topics
+
+                if agent.retract_retained(keep=retained_topics(new_cfg)):
+                    logger.info("SIGHUP: the topics moved; the old ones' retained messages are emptied")
                 if not agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S)):
                     logger.warning("SIGHUP: the broker settings changed with %d message(s) undelivered to the "
                                    "old broker; they are dropped", agent.publisher.pending())

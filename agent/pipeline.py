@@ -70,6 +70,27 @@ def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, by
     return MqttPublisher(settings, subscriptions=subscriptions)
 
 
+def discovery_settings(cfg: Config) -> DiscoverySettings | None:
+    m = cfg.mqtt
+    if not m.discovery.enabled:
+        return None
+    return DiscoverySettings(
+        prefix=m.discovery.prefix, node_id=node_id_for(client_id(m)), device_name=f"Emotion agent {hostname()}",
+        topics=Topics(topic_root(m)), state_expire_after_s=expire_after_for(m.summary_interval_s),
+        stats_expire_after_s=expire_after_for(m.stats_interval_s))
+
+
+def retained_topics(cfg: Config) -> set[str]:
+    """The topics an agent with this config keeps retained, besides its availability (which the
+    broker and the agent's own close keep telling the truth about)."""
+    topics = Topics(topic_root(cfg.mqtt))
+    settings = discovery_settings(cfg)
+    found = {topics.state, topics.stats}
+    if settings is not None:
+        found.update(topic for topic, _ in discovery_messages(settings))
+    return found
+
+
 @dataclass
 class RunResult:
     frames: int = 0
@@ -140,15 +161,20 @@ class Agent:
         }
 
     def publish_discovery(self) -> None:
-        m = self.cfg.mqtt
-        if not m.discovery.enabled:
+        settings = discovery_settings(self.cfg)
+        if settings is None:
             return
-        settings = DiscoverySettings(
-            prefix=m.discovery.prefix, node_id=node_id_for(client_id(m)), device_name=f"Emotion agent {hostname()}",
-            topics=self.topics, state_expire_after_s=expire_after_for(m.summary_interval_s),
-            stats_expire_after_s=expire_after_for(m.stats_interval_s))
         for topic, payload in encoded(discovery_messages(settings)):
             self.publisher.publish(Message(topic, payload, retain=True, qos=1))
+
+    def retract_retained(self, keep: set[str]) -> int:
+        """Empties, on the broker, what this agent left retained (discovery, state, stats) outside
+        `keep`: after a reload that moves the topics, Home Assistant drops the old device instead of
+        keeping it, dead, beside the new one. Returns how many topics were emptied."""
+        gone = sorted(retained_topics(self.cfg) - keep)
+        for topic in gone:
+            self.publisher.publish(Message(topic, "", retain=True, qos=1))
+        return len(gone)
 
     # --- the loop ---------------------------------------------------------------------------
 

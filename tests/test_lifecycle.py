@@ -95,20 +95,29 @@ def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
     sub = subscriber_factory(broker.port, ["first/#", "second/#"])
     proc = start_agent(broker.port, clip, config=config, prefix="")
     try:
-        sub.wait_for(lambda m: m[0] == "first/agent/availability" and m[1] == b"online", timeout=60)
+        sub.wait_for(lambda m: m[0] == "first/agent/event/face_appeared", timeout=60)
         config.write_text("mqtt:\n  topic_prefix: second/agent\n  prot: 1\n")  # a typo: rejected, kept running
+        before = len(sub.all)
         proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        # Read and rejected before the file changes again: the old config's pipeline starts over.
+        sub.wait_for(lambda m: m[0] == "first/agent/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
         assert proc.poll() is None
         config.write_text("mqtt:\n  topic_prefix: second/agent\n")
         proc.send_signal(signal.SIGHUP)
         sub.wait_for(lambda m: m[0] == "second/agent/availability" and m[1] == b"online", timeout=60)
+        # Home Assistant keeps no dead twin: the first device's discovery and state are emptied.
+        retained = subscriber_factory(broker.port, ["homeassistant/#", "first/#", "second/#"])
+        retained.wait_for(lambda m: m[0].startswith("homeassistant/") and b"second/agent" in m[1] and m[2])
         code, _, err = stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert code == 0, err
     assert "new configuration rejected" in err and "mqtt.prot: unknown setting" in err
+    left = {t for t, p, kept in retained.all if kept and p}
+    assert not any(b"first/agent" in p for t, p, kept in retained.all if kept and t.startswith("homeassistant/"))
+    assert "first/agent/state" not in left and "first/agent/stats" not in left
+    assert "second/agent/state" in left
 
 
 def test_a_sigterm_during_a_reload_is_not_forgotten(broker, subscriber_factory, clip, tmp_path):
