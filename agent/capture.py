@@ -19,6 +19,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from agent.config import redact_url
 from agent.errors import SourceError
 from agent.types import Frame
 
@@ -296,7 +297,8 @@ class LiveSource:
     def _set_status(self, status: str, why: str = "") -> None:
         if status != self._status:
             what = "stream" if isinstance(self._target, str) and "://" in self._target else "camera"
-            logger.log(logging.WARNING if status != "ok" else logging.INFO, "%s %s: %s%s", what, self._target, status,
+            logger.log(logging.WARNING if status != "ok" else logging.INFO, "%s %s: %s%s", what,
+                       redact_url(str(self._target)), status,
                        f" ({why}; retrying with backoff up to every {self._retry_max:g} s)" if why else "")
         with self._cond:
             self._status = status
@@ -387,7 +389,7 @@ def classify_source(source: str) -> tuple[str, int | str]:
     except UnicodeEncodeError:  # bytes of another encoding in a file name: OpenCV would crash on them
         raise SourceError(f"source file name is not valid UTF-8 (rename the file): {text!r}") from None
     if text.isdigit():
-        if int(text) > MAX_CAMERA_INDEX:
+        if len(text) > 10 or int(text) > MAX_CAMERA_INDEX:  # int() itself refuses 4300 digits
             raise SourceError(f"camera index too large: {text[:20]}{'…' if len(text) > 20 else ''} "
                               f"(cameras are numbered from 0; /dev/video2 is 2)")
         return "camera", int(text)

@@ -144,8 +144,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_stop)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, on_hup)
-        if terminate.is_set() or reload_pending.is_set():
-            agent.stop()  # signalled while this agent was being built: it runs no frame
+        # Signalled while this agent was being built (the handlers were the old agent's): it runs
+        # no frame. For a reload it must not tell systemd STOPPING=1, which would start a stop.
+        if terminate.is_set():
+            agent.stop()
+        elif reload_pending.is_set():
+            agent.notifier.reloading()
+            agent.stop()
         if kept_publisher is None:
             agent.publisher.start()
         try:
@@ -216,11 +221,19 @@ COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}
 
 
 def _where(exc: BaseException) -> str:
-    """file:line of the innermost frame, for a one-line report of an error nothing foresaw."""
+    """Where an error nothing foresaw came from, for its one-line report: the innermost frame of
+    the agent's own code, and the innermost of all where that is in a library."""
+    frames = []
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
         tb = tb.tb_next
-    return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else "?"
+    if not frames:
+        return "?"
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = [f for f in frames if os.path.abspath(f[0]).startswith(here + os.sep)]
+    shown = [f for f in (ours[-1:] + frames[-1:]) if f]
+    return " from ".join(dict.fromkeys(f"{os.path.basename(name)}:{line}" for name, line in reversed(shown)))
 
 
 def _silence_stdout() -> None:
@@ -251,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"emotion-agent: error: {name}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: one line that says where, rather than a traceback
+        logger.debug("the error's traceback", exc_info=exc)  # with --log-level debug, for a report
         print(f"emotion-agent: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               f"({_where(exc)}); please report it", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import re
 import socket
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,24 @@ class Config:
         data = dataclasses.asdict(self)
         if data["mqtt"]["username"]:
             data["mqtt"]["username"] = "***"
+        data["source"] = redact_url(data["source"])
         return data
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of a URL's user info masked (rtsp://admin:***@cam/stream), for logs:
+    cameras take their credentials in the URL, and a journal is read by more people than a config."""
+    if "://" not in text or "@" not in text:
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        if parts.password is None:
+            return text
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    except ValueError:  # not a URL after all (a port that is no number): mask all before the @
+        scheme, _, rest = text.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -433,8 +451,9 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
                 raise ConfigError(f"{origin}:{event.start_mark.line + 1}: nested more than {MAX_CONFIG_DEPTH} "
                                   "levels deep; the config has three")
         data = yaml.safe_load(text) if text else {}
-    except ValueError:  # int() refuses a literal of over 4300 digits
-        raise ConfigError(f"{origin}: invalid YAML: a number of thousands of digits") from None
+    except ValueError as exc:  # int() refuses a literal of over 4300 digits; a date that is none
+        problem = "a number of thousands of digits" if "digits" in str(exc) else str(exc).splitlines()[0]
+        raise ConfigError(f"{origin}: invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}: " if mark else f"{origin}: "

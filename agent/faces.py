@@ -83,10 +83,10 @@ class FaceStateTracker:
                 events.append(self._changed(face, changed_from, now))
         return self.faces(), events
 
-    def expire(self, now: float) -> list[Event]:
-        """FaceLost for every face unseen for longer than max_gap_s at `now`, when no frame comes
-        (a camera outage): without it they would stay in view until the next frame."""
-        return [self._faces.pop(face_id).lost(now) for face_id in self._tracker.expire(now)]
+    def expire(self, now: float, unseen_s: float | None = None) -> list[Event]:
+        """FaceLost for every face unseen for longer than `unseen_s` (max_gap_s) at `now`, when no
+        frame comes (a camera outage): without it they would stay in view until the next frame."""
+        return [self._faces.pop(face_id).lost(now) for face_id in self._tracker.expire(now, unseen_s)]
 
     def close(self, now: float) -> list[Event]:
         """FaceLost for every open track (used at shutdown)."""

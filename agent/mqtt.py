@@ -165,6 +165,9 @@ class MqttPublisher:
             return
         online = Message(self._s.availability_topic, ONLINE, retain=True, qos=1)
         with self._lock:
+            # Again here: a QoS 0 message handed to paho as the link dropped, after the disconnect's
+            # sweep, was dropped by paho's reconnect all the same.
+            self._requeue_unsent_qos0()
             self._connected = True
             self.connects += 1
             self.last_error = None

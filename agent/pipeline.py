@@ -266,10 +266,12 @@ class Agent:
                 # No frame from the camera: keep telling the world (stats carry the camera status),
                 # but never ping the watchdog, so a camera hung for good gets the service restarted.
                 self.notifier.status(f"camera {self.source.status()}")
-                if faces:
+                unseen_limit = self.times.stalled_after(self.cfg.tracking.max_gap_s)
+                if faces and time.monotonic() - now > unseen_limit:
                     # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a
-                    # live source's frame times are monotonic): a face seen after the outage is a new one.
-                    lost = self.tracker.expire(time.monotonic())
+                    # live source's frame times are monotonic): a face seen after the outage is a new
+                    # one. A source slower than the gap is waited for twice its interval.
+                    lost = self.tracker.expire(time.monotonic(), unseen_limit)
                     if lost:
                         faces = self.tracker.faces()
                         self._publish_events(lost)

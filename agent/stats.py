@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -32,17 +33,24 @@ class StageTimes:
 
     def fps(self, now: float | None = None) -> float:
         """Frames a second over the recent frames; 0 at `now` (the frame clock, monotonic) when
-        none came for over a second and twice the usual interval: a stalled camera does not keep
-        reporting the rate it had."""
+        none came for `stalled_after(1.0)`: a stalled camera does not keep reporting the rate it had."""
         if len(self.frame_times) < 2:
             return 0.0
         span = self.frame_times[-1] - self.frame_times[0]
         if span <= 0:
             return 0.0
-        count = len(self.frame_times) - 1
-        if now is not None and now - self.frame_times[-1] > max(1.0, 2 * span / count):
+        if now is not None and now - self.frame_times[-1] > self.stalled_after(1.0):
             return 0.0
-        return count / span
+        return (len(self.frame_times) - 1) / span
+
+    def stalled_after(self, at_least: float) -> float:
+        """How long without a frame means the source has stalled: `at_least`, or twice the recent
+        interval between frames where that is longer (a snapshot camera's frame every 5 s is its
+        rate, not an outage). Never, before two frames have shown what the rate is."""
+        if len(self.frame_times) < 2:
+            return math.inf
+        interval = (self.frame_times[-1] - self.frame_times[0]) / (len(self.frame_times) - 1)
+        return max(at_least, 2 * interval)
 
     def percentile_ms(self, stage: str, q: float) -> float:
         queue = self.samples.get(stage)

@@ -161,10 +161,11 @@ class BoxTracker:
         coasting = tuple(t for t in self._tracks if t not in seen)
         return TrackingStep(ids=tuple(ids), new=tuple(new), coasting=coasting, lost=tuple(lost))
 
-    def expire(self, now: float) -> tuple[int, ...]:
-        """Drops every track unseen for longer than the gap at `now`, with no frame to match it in
-        (the camera is gone); returns their ids. `update` would give each one more frame."""
-        lost = tuple(t.track_id for t in self._tracks.values() if now - t.last_seen > self.max_gap_s)
+    def expire(self, now: float, unseen_s: float | None = None) -> tuple[int, ...]:
+        """Drops every track unseen for longer than `unseen_s` (the gap) at `now`, with no frame to
+        match it in (the camera is gone); returns their ids. `update` would give each one more frame."""
+        limit = self.max_gap_s if unseen_s is None else unseen_s
+        lost = tuple(t.track_id for t in self._tracks.values() if now - t.last_seen > limit)
         for track_id in lost:
             del self._tracks[track_id]
         return lost

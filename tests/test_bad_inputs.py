@@ -102,3 +102,9 @@ def test_eval_reads_a_face_whose_file_name_is_not_utf8(tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     report = json.loads(result.stdout)
     assert (report["count"], report["unreadable"]) == (2, 0)
+
+
+def test_a_camera_index_of_thousands_of_digits_is_one_line():
+    result = agent("run", "--source", "9" * 5000)  # int() itself refuses it
+    assert result.returncode == 4
+    assert "camera index too large" in one_line_error(result)

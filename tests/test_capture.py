@@ -190,3 +190,17 @@ def test_a_jpeg_cut_short_is_read_but_named_as_damaged(tmp_path, smiling_photo, 
         frame = ImageSource(str(cut)).read()
     assert frame is not None and frame.image.shape == cv2.imread(str(smiling_photo)).shape
     assert [r.getMessage() for r in caplog.records] == [f"image {cut} is damaged (a JPEG cut short): its lower part is blank"]
+
+
+def test_a_stream_password_stays_out_of_the_log(tmp_path, caplog):
+    url = "rtsp://admin:S3cret@192.168.1.20:554/stream1?channel=1"
+    missing = str(tmp_path / "nothing.avi")  # a real capture that cannot open, standing in for the camera
+    with caplog.at_level(logging.INFO, logger="agent.capture"):
+        source = LiveSource(url, retry_initial_s=0.05, retry_max_s=0.1,
+                            open_capture=lambda target: cv2.VideoCapture(missing))
+        try:
+            assert source.read(timeout=0.3) is None
+        finally:
+            source.close()
+    assert "stream rtsp://admin:***@192.168.1.20:554/stream1?channel=1: reconnecting" in caplog.text
+    assert "S3cret" not in caplog.text

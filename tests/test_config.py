@@ -242,3 +242,15 @@ def test_an_override_of_null_sets_the_bundled_default_over_the_file(tmp_path):
     path = write(tmp_path, "detector:\n  model: face_detection_full_range_int8.tflite\n")
     assert load_config(path).detector.model is not None
     assert load_config(path, {"detector.model": None}).detector.model is None
+
+
+def test_the_logged_config_masks_a_stream_password():
+    cfg = load_config(None, {"source": "rtsp://admin:S3cret@cam.lan:554/live"})
+    assert cfg.redacted()["source"] == "rtsp://admin:***@cam.lan:554/live"
+    assert load_config(None, {"source": "rtsp://cam.lan/live"}).redacted()["source"] == "rtsp://cam.lan/live"
+
+
+def test_an_invalid_date_is_not_called_a_long_number(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "mqtt:\n  client_id: 2024-02-30\n"))
+    assert "invalid YAML" in str(info.value) and "digits" not in str(info.value)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,6 +138,58 @@ def test_a_sigterm_during_a_reload_is_not_forgotten(broker, subscriber_factory, 
     assert proc.returncode == 0, err
     sub.wait_for(lambda m: m[0] == "life/agent/availability" and m[1] == b"offline")
     assert "Traceback" not in err
+
+
+def test_a_sighup_while_a_reload_builds_the_next_agent_does_not_tell_systemd_stopping(
+        broker, clip, tmp_path, monkeypatch):
+    # That agent is stopped before its first frame and a reload follows; its run used to end with
+    # STOPPING=1, which systemd takes for the start of a stop (and a SIGKILL 10 s on). In process,
+    # so the second SIGHUP can be sent from inside the build, where it used to do harm.
+    import agent.pipeline
+    from agent.cli import main
+
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.1)
+    got: list[str] = []
+
+    def listen() -> None:
+        while sock.fileno() != -1:
+            try:
+                message = sock.recv(4096).decode()
+            except OSError:
+                continue
+            got.append(message)
+            if message.startswith("READY=1"):
+                readies = sum(m.startswith("READY=1") for m in got)
+                # the first start: reload; the agent after both reloads: stop
+                os.kill(os.getpid(), signal.SIGHUP if readies == 1 else signal.SIGTERM)
+
+    builds = []
+    real_build = agent.pipeline.build_agent
+
+    def build(*args, **kwargs):
+        builds.append(1)
+        if len(builds) == 2:  # the first reload's build: a second SIGHUP comes now
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(agent.pipeline, "build_agent", build)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    config = tmp_path / "config.yaml"
+    config.write_text("smoothing:\n  dwell_s: 0.25\n")
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        code = main(["run", "--source", str(clip), "--loop", "--realtime", "--mqtt-port", str(broker.port),
+                     "--config", str(config)])
+        time.sleep(0.3)
+    finally:
+        sock.close()
+    assert code == 0
+    assert len(builds) == 3  # the start, the reload the second signal cut short, the reload after it
+    assert [m for m in got if m.startswith("STOPPING=1")] == ["STOPPING=1"] and got[-1] == "STOPPING=1", got
 
 
 EVENT_LOG = re.compile(r"(face_appeared|emotion_changed|face_lost) face (\d+)")

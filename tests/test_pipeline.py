@@ -135,3 +135,33 @@ def test_the_first_state_says_no_face_before_any_frame(tmp_path):
     assert json.loads(first_state.payload)["faces_in_view"] == 0
     first_frame_message = next(i for i, m in enumerate(agent.publisher.messages) if m.topic.startswith("t/agent/event/"))
     assert agent.publisher.messages.index(first_state) < first_frame_message
+
+
+class SlowCamera(CameraWithOutage):
+    """A healthy camera slower than tracking.max_gap_s (a snapshot URL): a frame every `period_s`;
+    in between, reads wait up to a second and come back empty, as LiveSource's do."""
+
+    def __init__(self, image, period_s=2.0):
+        super().__init__(image, publisher=None, before_s=1e9, outage_s=0.0)
+        self.period_s = period_s
+        self.next_frame = time.monotonic()
+
+    def read(self):
+        wait = self.next_frame - time.monotonic()
+        if wait > 1.0:
+            time.sleep(1.0)
+            return None
+        time.sleep(max(0.0, wait))
+        self.next_frame += self.period_s
+        self.index += 1
+        return Frame(self.image, time.monotonic(), self.index)
+
+
+def test_a_camera_slower_than_the_gap_keeps_its_faces_between_frames():
+    cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent"})
+    publisher = MemoryPublisher()
+    agent = build_agent(cfg, source=SlowCamera(astronaut_bgr()), publisher=publisher)
+    threading.Timer(6.5, agent.stop).start()  # frames at 0, 2, 4 and 6 s
+    agent.run()
+    kinds = [m.topic.rsplit("/", 1)[1] for m in publisher.messages if m.topic.startswith("t/agent/event/face_")]
+    assert kinds == ["face_appeared", "face_lost"]  # one face, lost only at the end
