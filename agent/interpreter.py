@@ -7,7 +7,11 @@ bare Pi with just the small runtime.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,39 @@ def _interpreter_class() -> tuple[type, str]:
         ) from None
 
 
+_xnnpack_seen = False
+
+
+@contextlib.contextmanager
+def _runtime_info_muted():
+    """The runtime's C++ code writes "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." to
+    the process's stderr on every load, and no setting silences it: it would be a second line
+    before every one-line error and noise in the journal. What it writes meanwhile is caught in a
+    file and passed on, all but its INFO lines."""
+    info: list[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield info
+        return
+    with tempfile.TemporaryFile() as caught:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield info
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines(keepends=True)
+            info.extend(line[len("INFO: "):].strip() for line in lines if line.startswith("INFO: "))
+            kept = [line for line in lines if not line.startswith("INFO: ")]
+            if kept and sys.stderr is not None:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def load_interpreter(path: Path | str, threads: int = 1) -> Any:
     """An allocated interpreter for `path`, or ModelError with a one-line reason."""
     path = Path(path)
@@ -55,12 +92,18 @@ def load_interpreter(path: Path | str, threads: int = 1) -> Any:
         raise ModelError(f"model file not found: {path}")
     cls, runtime = _interpreter_class()
     try:
-        interpreter = cls(model_path=str(path), num_threads=threads)
-        interpreter.allocate_tensors()
+        with _runtime_info_muted() as said:
+            interpreter = cls(model_path=str(path), num_threads=threads)
+            interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {path}: {first_line}") from None
-    logger.debug("loaded %s with %s (%d threads)", path, runtime, threads)
+    # Whether the fast kernels run (a sandbox that hides /proc/cpuinfo turns them off on ARM). The
+    # runtime says so once a process, at the first model it gives them.
+    global _xnnpack_seen
+    _xnnpack_seen = _xnnpack_seen or any("XNNPACK delegate" in line for line in said)
+    kernels = "XNNPACK delegate" if _xnnpack_seen else "built-in kernels"
+    logger.info("model %s: %s, %s, %d thread%s", path.name, runtime, kernels, threads, "" if threads == 1 else "s")
     return interpreter
 
 

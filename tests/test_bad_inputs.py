@@ -108,3 +108,15 @@ def test_a_camera_index_of_thousands_of_digits_is_one_line():
     result = agent("run", "--source", "9" * 5000)  # int() itself refuses it
     assert result.returncode == 4
     assert "camera index too large" in one_line_error(result)
+
+
+def test_a_model_that_cannot_load_is_the_only_line_on_stderr(tmp_path):
+    # The runtime's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." used to come first.
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a model")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"classifier:\n  model: {junk}\n")
+    result = agent("check-config", str(config))
+    assert result.returncode == 3
+    assert result.stderr.decode().splitlines() == [one_line_error(result)]
+    assert "cannot load model" in result.stderr.decode()
