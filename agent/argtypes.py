@@ -62,6 +62,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """`seconds`, but not 0: a wait of no time can only fail."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text}")
+    return value
+
+
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 

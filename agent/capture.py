@@ -86,6 +86,17 @@ def camera_device_missing(kind: str, target: int | str) -> bool:
 
 
 def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
+    try:
+        return _read_image(path, flags)
+    except cv2.error as exc:
+        if flags == cv2.IMREAD_REDUCED_GRAYSCALE_8:
+            raise  # the caller retries at full size
+        # Over OpenCV's 2^30-pixel limit, say: one line, as for any file it cannot read.
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "refused"
+        raise SourceError(f"cannot read image {path}: OpenCV refused it ({reason[-120:]})") from None
+
+
+def _read_image(path: str | Path, flags: int) -> np.ndarray | None:
     """cv2.imread for any file name, None where imread gives None. OpenCV crashes on a name that
     is not UTF-8 (Python hands it over with stand-ins for the odd bytes): for such a name Python
     reads the bytes and OpenCV only decodes them (imdecode, which gives up on a JPEG cut short
@@ -396,7 +407,7 @@ def classify_source(source: str) -> tuple[str, int | str]:
     if text.lower().startswith(STREAM_SCHEMES):
         return "stream", text
     path = Path(text).expanduser()
-    if text.startswith("/dev/"):
+    if text.startswith("/dev/") and not path.is_file():  # a video in /dev/shm is a file
         # Like a camera index, a device path that is not there is waited for: a USB camera may be
         # unplugged at start, or enumerate after the service.
         return "camera", str(path)
@@ -420,8 +431,13 @@ def classify_source(source: str) -> tuple[str, int | str]:
 def check_file_source(kind: str, target: int | str) -> None:
     """SourceError unless an image or video file gives a frame: a file OpenCV opens can still hold
     none (a video of a header only), and a run on it would end at once, having done nothing."""
-    if kind == "image" and read_image(target, cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
-        raise SourceError(f"cannot read image {target}: not an image file OpenCV can decode")
+    if kind == "image":
+        try:
+            image = read_image(target, cv2.IMREAD_REDUCED_GRAYSCALE_8)  # cheap on a big photo...
+        except cv2.error:
+            image = read_image(target, cv2.IMREAD_GRAYSCALE)  # ...but refused below 8 pixels a side
+        if image is None:
+            raise SourceError(f"cannot read image {target}: not an image file OpenCV can decode")
     if kind == "video":
         cap = cv2.VideoCapture(str(target))
         try:

@@ -12,7 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Sequence
 
 from agent import __version__
-from agent.argtypes import port, seconds
+from agent.argtypes import port, positive_seconds
 from agent.config import Config, load_config, read_password
 from agent.errors import AgentError, ConfigError, SourceError
 
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides log_level")
     run.add_argument("--realtime", action="store_true", help="pace a video file at its own frame rate")
     run.add_argument("--loop", action="store_true", help="start a video file over at its end (soak tests)")
-    run.add_argument("--flush-timeout", type=seconds, default=FLUSH_TIMEOUT_S, metavar="SECONDS",
+    run.add_argument("--flush-timeout", type=positive_seconds, default=FLUSH_TIMEOUT_S, metavar="SECONDS",
                      help="at the end, wait this long for the broker to take every message (default %(default)s)")
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -241,7 +241,7 @@ def _silence_stdout() -> None:
     # flush at exit would print a second error, with a traceback.
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # AttributeError: no stdout at all
         pass
 
 
@@ -250,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
         code = handler(args)
-        sys.stdout.flush()  # here, where a failure is still ours to report
+        if sys.stdout is not None:  # None when started with stdout closed
+            sys.stdout.flush()  # here, where a failure is still ours to report
         return code
     except AgentError as exc:
         print(f"emotion-agent: error: {exc}", file=sys.stderr)

@@ -336,6 +336,10 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
     m = cfg.mqtt
     if not m.host or re.search(r"\s|/|^[a-z]+:", m.host):
         _fail(lines, "mqtt.host", f"expected a host name or IP address (no scheme, no path), got {_shown(m.host)}")
+    if m.host.count(":") == 1 or m.host.startswith("["):
+        # One colon is no IPv6 address: a port written into the host (the resolver would fail, forever).
+        _fail(lines, "mqtt.host", f"expected a host name or IP address without a port or brackets "
+              f"(the port goes in mqtt.port), got {_shown(m.host)}")
     try:
         m.host.encode("idna")  # what the socket layer does first; it fails on "a..b" inside paho's thread
     except UnicodeError:
@@ -343,6 +347,8 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
     if len(m.host) > 253 or any(len(label) > 63 for label in m.host.split(".")):
         _fail(lines, "mqtt.host", f"not a valid host name (at most 253 characters, 63 between dots), "
               f"got {_shown(m.host)}")
+    if m.username is not None and len(m.username.encode()) > MAX_MQTT_STRING:
+        _fail(lines, "mqtt.username", f"too long: {len(m.username.encode())} bytes, MQTT allows {MAX_MQTT_STRING}")
     if m.client_id is not None and not 1 <= len(m.client_id.encode()) <= 256:
         _fail(lines, "mqtt.client_id", f"expected 1 to 256 bytes, got {len(m.client_id.encode())}")
     if m.reconnect_max_s < m.reconnect_min_s:
@@ -409,6 +415,7 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_MQTT_STRING = 65535  # MQTT's strings carry a 16-bit length
 MAX_CONFIG_DEPTH = 16
 
 
@@ -502,13 +509,26 @@ def client_id(cfg: MqttConfig) -> str:
 def read_password(cfg: MqttConfig) -> str | None:
     """The MQTT password: password_file, then the environment, then systemd's credentials directory."""
     if cfg.password_file:
-        return _read_secret(Path(cfg.password_file), "mqtt.password_file")
+        return _checked_password(_read_secret(Path(cfg.password_file), "mqtt.password_file"), "mqtt.password_file")
     if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV]
+        return _checked_password(os.environ[PASSWORD_ENV], PASSWORD_ENV)
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / "mqtt_password").is_file():
-        return _read_secret(Path(creds) / "mqtt_password", "systemd credential mqtt_password")
+        return _checked_password(_read_secret(Path(creds) / "mqtt_password", "systemd credential mqtt_password"),
+                                 "systemd credential mqtt_password")
     return None
+
+
+def _checked_password(password: str, what: str) -> str:
+    # paho's network thread dies on either (a struct error, an encoding error), and then the agent
+    # only ever says the broker is unreachable.
+    try:
+        size = len(password.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what}: the password is not valid UTF-8") from None
+    if size > MAX_MQTT_STRING:
+        raise ConfigError(f"{what}: the password is too long: {size} bytes, MQTT allows {MAX_MQTT_STRING}")
+    return password
 
 
 def _read_secret(path: Path, what: str) -> str:

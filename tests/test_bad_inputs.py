@@ -7,6 +7,7 @@ and said it was fine. Run as a user would, in a subprocess.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,46 @@ def test_a_model_that_cannot_load_is_the_only_line_on_stderr(tmp_path):
     assert result.returncode == 3
     assert result.stderr.decode().splitlines() == [one_line_error(result)]
     assert "cannot load model" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("size", [(7, 7), (100, 5), (1, 1)])
+def test_check_config_takes_a_tiny_image(tmp_path, size):
+    # Its cheap check read the image at an eighth of its size, which OpenCV refuses below 8 pixels.
+    import cv2
+    import numpy as np
+
+    image = tmp_path / "tiny.png"
+    cv2.imwrite(str(image), np.zeros((size[1], size[0], 3), np.uint8))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"source: {image}\n")
+    result = agent("check-config", str(config))
+    assert result.returncode == 0, result.stderr.decode()
+    assert ": image" in result.stdout.decode()
+
+
+def test_a_video_file_under_dev_is_a_file_not_a_camera(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    video = write_video(shm / f"emotion-agent-test-{os.getpid()}.avi", frames=5)
+    try:
+        config = tmp_path / "config.yaml"
+        config.write_text(f"source: {video}\n")
+        result = agent("check-config", str(config))
+        assert result.returncode == 0, result.stderr.decode()
+        assert ": video" in result.stdout.decode()
+    finally:
+        video.unlink()
+
+
+def test_a_closed_stdout_is_not_an_internal_error():
+    result = subprocess.run(f"{sys.executable} -m agent check-config config.yaml >&-", shell=True, cwd=REPO,
+                            stderr=subprocess.PIPE, timeout=120)
+    assert "internal error" not in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+def test_a_flush_timeout_of_zero_is_refused_up_front():
+    result = agent("run", "--source", "0", "--flush-timeout", "0")
+    assert result.returncode == 2
+    assert "--flush-timeout: expected a number of seconds above 0" in result.stderr.decode()

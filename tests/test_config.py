@@ -124,6 +124,9 @@ BAD_CONFIGS = [
     ('mqtt:\n  client_id: "a\\x7fb"\n', "mqtt.client_id: contains a control character (U+007F)"),
     ('mqtt:\n  discovery:\n    prefix: "ha\\ufffe"\n', "mqtt.discovery.prefix: contains a Unicode non-character"),
     ("mqtt:\n  host: a..b\n", "mqtt.host: not a valid host name (empty or over-long part between dots)"),
+    ("mqtt:\n  host: broker.lan:1883\n", "mqtt.host: expected a host name or IP address without a port"),
+    ("mqtt:\n  host: '[::1]'\n", "mqtt.host: expected a host name or IP address without a port or brackets"),
+    ("mqtt:\n  username: " + "u" * 70000 + "\n", "mqtt.username: too long: 70000 bytes, MQTT allows 65535"),
 ]
 
 
@@ -254,3 +257,18 @@ def test_an_invalid_date_is_not_called_a_long_number(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "mqtt:\n  client_id: 2024-02-30\n"))
     assert "invalid YAML" in str(info.value) and "digits" not in str(info.value)
+
+
+def test_ipv6_hosts_are_still_hosts(tmp_path):
+    for host in ("::1", "fe80::1%eth0", "2001:db8::10"):
+        assert load_config(write(tmp_path, f"mqtt:\n  host: '{host}'\n")).mqtt.host == host
+
+
+def test_a_password_mqtt_cannot_carry_is_one_line(tmp_path, monkeypatch):
+    secret = tmp_path / "pw"
+    secret.write_text("p" * 70000)
+    with pytest.raises(ConfigError, match="mqtt.password_file: the password is too long: 70000 bytes"):
+        load_config(write(tmp_path, f"mqtt:\n  username: u\n  password_file: {secret}\n"))
+    monkeypatch.setenv("EMOTION_AGENT_MQTT_PASSWORD", "sec\udcffret")  # a byte that is not UTF-8
+    with pytest.raises(ConfigError, match="EMOTION_AGENT_MQTT_PASSWORD: the password is not valid UTF-8"):
+        read_password(load_config(None, {"mqtt.username": "u"}).mqtt)
