@@ -96,6 +96,9 @@ _paho_logger = logging.getLogger("agent.paho")
 _paho_logger.addFilter(_QuietRetries())
 
 
+SHORT_SESSION_S = 5.0
+
+
 class MqttPublisher:
     """Publishes `Message`s through paho's network thread; see the module docstring."""
 
@@ -115,6 +118,8 @@ class MqttPublisher:
         self.dropped = 0
         self.connects = 0
         self.last_error: str | None = None
+        self._connected_at = 0.0
+        self._short_sessions = 0  # connections in a row that the broker dropped within seconds
         self._client = self._make_client()
 
     # --- setup -------------------------------------------------------------------------------
@@ -170,6 +175,7 @@ class MqttPublisher:
             self._requeue_unsent_qos0()
             self._connected = True
             self.connects += 1
+            self._connected_at = time.monotonic()
             self.last_error = None
             self._retained.pop(online.topic, None)
             retained = list(self._retained.values())
@@ -204,6 +210,13 @@ class MqttPublisher:
             self._idle.notify_all()
         if was_connected and not self._closing:
             logger.warning("lost the broker connection (%s); reconnecting", reason_code)
+            # A broker drops a client when another connects with its id: two agents with one
+            # client id take turns, each knocked off within a second, and nothing else says why.
+            lasted = time.monotonic() - self._connected_at
+            self._short_sessions = self._short_sessions + 1 if lasted < SHORT_SESSION_S else 0
+            if self._short_sessions == 3:
+                logger.warning("the broker keeps dropping this connection as soon as it is made: is another "
+                               "client using the client id %r? (set mqtt.client_id)", self._s.client_id)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:

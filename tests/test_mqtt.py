@@ -242,3 +242,20 @@ def test_qos0_messages_cut_off_by_a_broker_crash_are_sent_after_the_reconnect(tm
     finally:
         pub.close(1)
         broker.stop()
+
+
+def test_two_agents_with_one_client_id_are_told_so(broker, caplog):
+    # The broker drops a client when another connects with its id: they take turns forever, and
+    # "lost the broker connection" alone does not say why.
+    first, second = make_publisher(broker.port, client_id="same-id"), make_publisher(broker.port, client_id="same-id")
+    with caplog.at_level(logging.WARNING, logger="agent.mqtt"):
+        first.start()
+        second.start()
+        try:
+            deadline = time.monotonic() + 20
+            while "using the client id 'same-id'" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            first.close(1)
+            second.close(1)
+    assert "is another client using the client id 'same-id'? (set mqtt.client_id)" in caplog.text
