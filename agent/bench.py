@@ -22,9 +22,9 @@ from pathlib import Path
 import cv2
 
 from agent.argtypes import check_output_file, name_part, positive_int
-from agent.capture import VideoFileSource, check_file_source, classify_source
+from agent.capture import VideoFileSource, check_video_file
 from agent.config import load_config
-from agent.errors import AgentError, SourceError
+from agent.errors import AgentError
 from agent.machine import describe, format_machine
 from agent.notify import SystemdNotifier
 from agent.progress import Progress
@@ -197,10 +197,7 @@ def run_bench(video: str, *, config_path: str | None = None, max_frames: int | N
               decode: bool = True, classic: bool = True, rounds: int = 3) -> BenchResult:
     """The pipelines take turns, round after round, so a burst of load elsewhere on the machine
     hits them alike; each is reported by its fastest round, and the ratios are between those."""
-    kind, _ = classify_source(video)  # one clear line for a missing file, a folder, a URL
-    if kind != "video":
-        raise SourceError(f"bench needs a video file; {video} is {'an' if kind == 'image' else 'a'} {kind}")
-    check_file_source(kind, video)  # one clear line for a file with no frame to time
+    check_video_file(video, "bench")
     if classic:
         from agent.classic import check_tensorflow_installed
 

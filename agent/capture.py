@@ -89,8 +89,8 @@ def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | 
     try:
         return _read_image(path, flags)
     except cv2.error as exc:
-        if flags == cv2.IMREAD_REDUCED_GRAYSCALE_8:
-            raise  # the caller retries at full size
+        if flags == cv2.IMREAD_REDUCED_GRAYSCALE_8:  # refused below 8 pixels a side: read it whole
+            return read_image(path, cv2.IMREAD_GRAYSCALE)
         # Over OpenCV's 2^30-pixel limit, say: one line, as for any file it cannot read.
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "refused"
         raise SourceError(f"cannot read image {path}: OpenCV refused it ({reason[-120:]})") from None
@@ -431,22 +431,24 @@ def classify_source(source: str) -> tuple[str, int | str]:
 def check_file_source(kind: str, target: int | str) -> None:
     """SourceError unless an image or video file gives a frame: a file OpenCV opens can still hold
     none (a video of a header only), and a run on it would end at once, having done nothing."""
-    if kind == "image":
-        try:
-            image = read_image(target, cv2.IMREAD_REDUCED_GRAYSCALE_8)  # cheap on a big photo...
-        except cv2.error:
-            image = read_image(target, cv2.IMREAD_GRAYSCALE)  # ...but refused below 8 pixels a side
-        if image is None:
-            raise SourceError(f"cannot read image {target}: not an image file OpenCV can decode")
+    if kind == "image" and read_image(target, cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:  # cheap on a big photo
+        raise SourceError(f"cannot read image {target}: not an image file OpenCV can decode")
     if kind == "video":
-        cap = cv2.VideoCapture(str(target))
+        source = VideoFileSource(str(target))  # its own one line for a file OpenCV cannot open
         try:
-            if not cap.isOpened():
-                raise SourceError(f"cannot open video {target}: not a video file OpenCV can decode")
-            if not cap.read()[0]:
-                raise SourceError(f"video {target} has no frame that can be decoded")
+            first = source.read_here()
         finally:
-            cap.release()
+            source.close()
+        if first is None:
+            raise SourceError(f"video {target} has no frame that can be decoded")
+
+
+def check_video_file(video: str, command: str) -> None:
+    """SourceError unless `video` is a video file with a frame to measure: what `command` needs."""
+    kind, target = classify_source(video)  # one clear line for a missing file, a folder, a URL
+    if kind != "video":
+        raise SourceError(f"{command} needs a video file; {video} is {'an' if kind == 'image' else 'a'} {kind}")
+    check_file_source(kind, target)
 
 
 def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False) -> FrameSource:

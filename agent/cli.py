@@ -97,7 +97,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from agent.pipeline import build_agent  # loads OpenCV and the interpreter: only when running
+    from agent.pipeline import build_agent, retained_topics  # OpenCV and the interpreter: only when running
 
     cfg: Config = load_config(args.config, _overrides(args))
     _configure_logging(cfg.log_level)
@@ -109,12 +109,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     terminate = threading.Event()  # also ends the wait for the broker after a file run
     reload_pending = threading.Event()
     while True:
-        if terminate.is_set() and kept_publisher is not None:
-            # Stopped between two agents: the kept connection still says goodbye.
-            kept_publisher.flush(SIGNAL_FLUSH_S)
-            kept_publisher.close(timeout=1.0)
-            return 0
         if terminate.is_set():
+            if kept_publisher is not None:  # stopped between two agents: the kept connection says goodbye
+                kept_publisher.flush(SIGNAL_FLUSH_S)
+                kept_publisher.close(timeout=1.0)
             return 0
         try:
             agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, publisher=kept_publisher)
@@ -178,8 +176,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 kept_publisher = agent.publisher
             else:
                 kept_publisher = None
-                from agent.pipeline import retained_topics
-
                 if agent.retract_retained(keep=retained_topics(new_cfg)):
                     logger.info("SIGHUP: the topics moved; the old ones' retained messages are emptied")
                 if not agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S)):
@@ -232,8 +228,8 @@ def _where(exc: BaseException) -> str:
         return "?"
     here = os.path.dirname(os.path.abspath(__file__))
     ours = [f for f in frames if os.path.abspath(f[0]).startswith(here + os.sep)]
-    shown = [f for f in (ours[-1:] + frames[-1:]) if f]
-    return " from ".join(dict.fromkeys(f"{os.path.basename(name)}:{line}" for name, line in reversed(shown)))
+    shown = reversed(ours[-1:] + frames[-1:])  # the innermost first; one entry where they are the same
+    return " from ".join(dict.fromkeys(f"{os.path.basename(name)}:{line}" for name, line in shown))
 
 
 def _silence_stdout() -> None:

@@ -344,7 +344,7 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
         m.host.encode("idna")  # what the socket layer does first; it fails on "a..b" inside paho's thread
     except UnicodeError:
         _fail(lines, "mqtt.host", f"not a valid host name (empty or over-long part between dots), got {_shown(m.host)}")
-    if len(m.host) > 253 or any(len(label) > 63 for label in m.host.split(".")):
+    if len(m.host) > 253:  # a part over 63 characters fails the idna check above
         _fail(lines, "mqtt.host", f"not a valid host name (at most 253 characters, 63 between dots), "
               f"got {_shown(m.host)}")
     if m.username is not None and len(m.username.encode()) > MAX_MQTT_STRING:
@@ -427,13 +427,15 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         origin = str(path)
         if not origin.strip():
             raise ConfigError("config path is empty")
+        file = Path(path)
         try:
-            if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+            if file.exists() and not file.is_file() and not file.is_dir():
                 raise ConfigError(f"config path is not a regular file: {path}")  # /dev/zero would never end
-            if Path(path).is_file() and Path(path).stat().st_size > MAX_CONFIG_BYTES:
-                raise ConfigError(f"config file too large: {path} ({Path(path).stat().st_size:,} bytes, "
+            size = file.stat().st_size if file.is_file() else 0
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file too large: {path} ({size:,} bytes, "
                                   f"at most {MAX_CONFIG_BYTES:,}; a full config is a few KB)")
-            text = Path(path).read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except IsADirectoryError:
@@ -508,20 +510,12 @@ def client_id(cfg: MqttConfig) -> str:
 
 def read_password(cfg: MqttConfig) -> str | None:
     """The MQTT password: password_file, then the environment, then systemd's credentials directory."""
-    if cfg.password_file:
-        return _checked_password(_read_secret(Path(cfg.password_file), "mqtt.password_file"), "mqtt.password_file")
-    if os.environ.get(PASSWORD_ENV):
-        return _checked_password(os.environ[PASSWORD_ENV], PASSWORD_ENV)
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / "mqtt_password").is_file():
-        return _checked_password(_read_secret(Path(creds) / "mqtt_password", "systemd credential mqtt_password"),
-                                 "systemd credential mqtt_password")
-    return None
-
-
-def _checked_password(password: str, what: str) -> str:
-    # paho's network thread dies on either (a struct error, an encoding error), and then the agent
-    # only ever says the broker is unreachable.
+    found = _password(cfg)
+    if found is None:
+        return None
+    password, what = found
+    # paho's network thread dies on either of these (a struct error, an encoding error), and then
+    # the agent only ever says the broker is unreachable.
     try:
         size = len(password.encode("utf-8"))
     except UnicodeEncodeError:
@@ -529,6 +523,19 @@ def _checked_password(password: str, what: str) -> str:
     if size > MAX_MQTT_STRING:
         raise ConfigError(f"{what}: the password is too long: {size} bytes, MQTT allows {MAX_MQTT_STRING}")
     return password
+
+
+def _password(cfg: MqttConfig) -> tuple[str, str] | None:
+    """(the password, where it came from), or None."""
+    if cfg.password_file:
+        return _read_secret(Path(cfg.password_file), "mqtt.password_file"), "mqtt.password_file"
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV], PASSWORD_ENV
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / "mqtt_password").is_file():
+        what = "systemd credential mqtt_password"
+        return _read_secret(Path(creds) / "mqtt_password", what), what
+    return None
 
 
 def _read_secret(path: Path, what: str) -> str:

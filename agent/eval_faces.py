@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import cv2
-
 from agent.capture import read_image
 from agent.detect import FaceDetector
 from agent.errors import SourceError

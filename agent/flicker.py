@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from agent.errors import AgentError, ConfigError, SourceError
+from agent.errors import AgentError, ConfigError
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.progress import Progress
@@ -100,8 +100,15 @@ def face_sequences(observed: Observed, tracker: FaceStateTracker) -> tuple[Seque
 def measure(observed: Observed, tracker: FaceStateTracker, *, frame_interval: float, hold_s: float = 1.0,
             horizon_s: float = 3.0) -> FlickerFigures:
     """The figures for one video's observations fed through `tracker`. Pure."""
-    figures = FlickerFigures(frames=len(observed))
     sequences, events = face_sequences(observed, tracker)
+    return figures_of(sequences, events, frames=len(observed), frame_interval=frame_interval, hold_s=hold_s,
+                      horizon_s=horizon_s)
+
+
+def figures_of(sequences: Sequences, events: list[Event], *, frames: int, frame_interval: float,
+               hold_s: float = 1.0, horizon_s: float = 3.0) -> FlickerFigures:
+    """`measure`'s figures from a tracker pass already made (`face_sequences`)."""
+    figures = FlickerFigures(frames=frames)
     changes: dict[int, list[EmotionChanged]] = {}
     for event in events:
         if isinstance(event, EmotionChanged):
@@ -296,12 +303,12 @@ def measure_videos(videos: Sequence[str], cfg, detector, classifier, *, every: i
         observed, interval = observe_video(video, detector, classifier, detect_interval_s=cfg.detector.interval_s,
                                            max_frames=max_frames, noise_seed=noise_seed)
         observed, interval = observed[::every], interval * every
-        figures = measure(observed, make_tracker_from(cfg), frame_interval=interval, hold_s=hold_s,
-                          horizon_s=horizon_s)
+        sequences, events = face_sequences(observed, make_tracker_from(cfg))  # one tracker pass for both
+        figures = figures_of(sequences, events, frames=len(observed), frame_interval=interval, hold_s=hold_s,
+                             horizon_s=horizon_s)
         if report is not None:
             report(format_figures(video, figures))
         total.add(figures)
-        sequences, _ = face_sequences(observed, make_tracker_from(cfg))
         windows += held_windows(sequences, frame_interval=interval, hold_s=hold_s)
         states.append(frame_states(sequences))
     delays, missed = splice_delays(windows, lambda: make_tracker_from(cfg), horizon_s=horizon_s)
@@ -427,7 +434,10 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.getLogger("agent.progress").setLevel(logging.INFO)
     try:
         cfg = load_config(args.config, dict(parse_setting(item) for item in args.set))
-        check_videos(args.videos)  # every one, before minutes of measuring the first
+        from agent.capture import check_video_file
+
+        for video in args.videos:  # every one, before minutes of measuring the first
+            check_video_file(video, "flicker")
         return _run(args, cfg)
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -449,17 +459,6 @@ def parse_setting(item: str) -> tuple[str, object]:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {key}: invalid value {text!r}: {problem}") from None
-
-
-def check_videos(videos: Sequence[str]) -> None:
-    """A one-line SourceError for the first video that is missing, not a video file, or gives no frame."""
-    from agent.capture import check_file_source, classify_source
-
-    for video in videos:
-        kind, target = classify_source(video)
-        if kind != "video":
-            raise SourceError(f"{video}: expected a video file, got {'an' if kind == 'image' else 'a'} {kind}")
-        check_file_source(kind, target)
 
 
 def _run(args: argparse.Namespace, cfg) -> int:

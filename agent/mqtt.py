@@ -170,8 +170,8 @@ class MqttPublisher:
             return
         online = Message(self._s.availability_topic, ONLINE, retain=True, qos=1)
         with self._lock:
-            # Again here: a QoS 0 message handed to paho as the link dropped, after the disconnect's
-            # sweep, was dropped by paho's reconnect all the same.
+            # Here, not at the disconnect: paho drops the unsent QoS 0 packets when it reconnects,
+            # and a message handed to it as the link went down is among them too.
             self._requeue_unsent_qos0()
             self._connected = True
             self.connects += 1
@@ -206,7 +206,6 @@ class MqttPublisher:
             was_connected = self._connected
             self._connected = False
             self._resent = False
-            self._requeue_unsent_qos0()
             self._idle.notify_all()
         if was_connected and not self._closing:
             logger.warning("lost the broker connection (%s); reconnecting", reason_code)
@@ -255,8 +254,8 @@ class MqttPublisher:
     def _requeue_unsent_qos0(self) -> None:
         """QoS 0 messages paho had not finished writing when the link dropped: paho discards them
         on reconnect without a callback, so they go back to the front of the backlog, in order, to
-        be sent on the next connect (a retained one needs not: its topic's latest value is re-sent
-        anyway). Left in `_unacked` they would never leave it. Called with the lock held."""
+        be sent now that it is connected again (a retained one needs not: its topic's latest value
+        is re-sent anyway). Left in `_unacked` they would never leave it. Called with the lock held."""
         unsent = [mid for mid, message in self._unacked.items() if message.qos == 0]
         if not unsent:
             return

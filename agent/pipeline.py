@@ -141,6 +141,14 @@ class Agent:
             logger.info("%s face %s %s", payload["event"], payload["face_id"],
                         payload.get("emotion", payload.get("last_emotion", "")))
 
+    def _report_lost(self, lost: Sequence[Event], window: payloads.SummaryWindow | None, result: RunResult) -> None:
+        """Faces gone without a frame to show it (the camera away, the run over): their events, sent
+        and counted in the run and in the summary window."""
+        self._publish_events(lost)
+        result.events += len(lost)
+        if window is not None:
+            window.add_events(lost)
+
     def _publish_state(self, faces: Sequence[TrackedFace]) -> None:
         self._publish(self.topics.state, payloads.state_payload(faces, self.clock()), retain=True)
 
@@ -266,20 +274,15 @@ class Agent:
                 # No frame from the camera: keep telling the world (stats carry the camera status),
                 # but never ping the watchdog, so a camera hung for good gets the service restarted.
                 self.notifier.status(f"camera {self.source.status()}")
-                unseen_limit = self.times.stalled_after(self.cfg.tracking.max_gap_s)
-                if faces and time.monotonic() - now > unseen_limit:
-                    # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a
-                    # live source's frame times are monotonic): a face seen after the outage is a new
-                    # one. A source slower than the gap is waited for twice its interval.
-                    lost = self.tracker.expire(time.monotonic(), unseen_limit)
-                    if lost:
-                        faces = self.tracker.faces()
-                        self._publish_events(lost)
-                        result.events += len(lost)
-                        if window is not None:
-                            window.add_events(lost)
-                        self._publish_state(faces)
-                        last_state_key = payloads.state_key(faces)
+                # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a live
+                # source's frame times are monotonic): a face seen after the outage is a new one. A
+                # source slower than the gap is waited for twice its interval.
+                lost = self.tracker.expire(time.monotonic(), self.times.stalled_after(self.cfg.tracking.max_gap_s))
+                if lost:
+                    self._report_lost(lost, window, result)
+                    faces = self.tracker.faces()
+                    self._publish_state(faces)
+                    last_state_key = payloads.state_key(faces)
                 if time.monotonic() >= self._next_idle_stats:
                     self._publish(self.topics.stats, self.stats_payload(), retain=True)
                     self._next_idle_stats = time.monotonic() + m.stats_interval_s
@@ -340,11 +343,8 @@ class Agent:
             self.preview.hold(shown.image, faces, self.times.fps(), self._stop.is_set)
         self.notifier.stopping()
         # The end: every open face is lost, then a final summary, state and stats.
-        lost = self.tracker.close(now)
-        self._publish_events(lost)
-        result.events += len(lost)
+        self._report_lost(self.tracker.close(now), window, result)
         if window is not None:
-            window.add_events(lost)
             self._publish(self.topics.summary, window.payload(now, [], self.clock()))
         self._publish_state([])
         self._publish(self.topics.stats, self.stats_payload(), retain=True)
