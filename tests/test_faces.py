@@ -249,18 +249,6 @@ def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
     assert pooled.p90 <= 1.0 and pooled.delays[-1] <= 1.5
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["missing.mp4"], "source not found: missing.mp4"),
-    (["missing.mp4", "--set", "detector.interval_s=x"], "detector.interval_s: expected a number"),
-])
-def test_flicker_reports_a_bad_input_in_one_line(capsys, argv, message):
-    from agent.flicker import main
-
-    assert main(argv) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
-
-
 def test_agreement_matches_faces_by_overlap_and_skips_the_references_uncertain_frames():
     from agent.flicker import agreement
 

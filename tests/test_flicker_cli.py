@@ -53,9 +53,10 @@ def test_a_bad_set_is_a_config_error(item, message):
 
 def test_whole_number_boolean_and_null_settings_can_be_set(clip):
     done = flicker(clip, "--max-frames", 3, "--set", "detector.threads=2", "--set", "mqtt.tls.enabled=true",
-                   "--set", "classifier.model=null", "--set", "smoothing.dwell_s=0.25")
+                   "--set", "classifier.model=null", "--set", "smoothing.dwell_s=0.5")
     assert done.returncode == 0, done.stderr
-    assert "dwell_s=0.25" in done.stdout and f"{clip}: 3 frames" in done.stdout
+    # 0.5, not the default 0.25: the setting took
+    assert "dwell_s=0.5" in done.stdout and f"{clip}: 3 frames" in done.stdout
 
 
 BAD_FLICKER_INPUTS = [
