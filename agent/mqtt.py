@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import ssl
 import sys
 import threading
@@ -97,6 +98,8 @@ _paho_logger.addFilter(_QuietRetries())
 
 
 SHORT_SESSION_S = 5.0
+# How long paho's thread may take to write the DISCONNECT and end, before the socket is cut.
+STOP_GRACE_S = 1.0
 
 
 class MqttPublisher:
@@ -342,7 +345,8 @@ class MqttPublisher:
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        """Publish `offline`, wait for it, disconnect cleanly (so the broker does not send the Will)."""
+        """Publish `offline`, wait for it, disconnect cleanly (so the broker does not send the Will).
+        Returns within about `timeout` + 2 * STOP_GRACE_S, even when the broker stopped answering."""
         with self._lock:
             self._closing = True
             connected = self._connected
@@ -352,10 +356,24 @@ class MqttPublisher:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass
-            # paho 2.2 logs an ERROR from its loop once the socket is closed on purpose.
-            self._client.disable_logger()
-            self._client.disconnect()
-        self._client.loop_stop()
+        # paho 2.2 logs an ERROR from its loop once the socket is closed on purpose.
+        self._client.disable_logger()
+        # Connected or not: it also ends a connection attempt waiting for its CONNACK, or a
+        # wait between retries.
+        self._client.disconnect()
+        # paho's thread ends once it has written all it holds; a broker that stopped reading
+        # keeps it alive until the keepalive runs out (30 s, past systemd's 10 s stop timeout).
+        stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(STOP_GRACE_S)
+        if stopper.is_alive():
+            sock = self._client.socket()
+            if sock is not None:
+                try:  # the plain socket's shutdown, also under TLS: paho's read then fails and it ends
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            stopper.join(STOP_GRACE_S)
 
 
 class MemoryPublisher:

@@ -4,9 +4,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -259,3 +261,49 @@ def test_two_agents_with_one_client_id_are_told_so(broker, caplog):
             first.close(1)
             second.close(1)
     assert "is another client using the client id 'same-id'? (set mqtt.client_id)" in caplog.text
+
+
+def _close_seconds(pub: MqttPublisher, timeout: float) -> float:
+    started = time.monotonic()
+    pub.close(timeout)
+    return time.monotonic() - started
+
+
+def test_close_does_not_wait_out_the_keepalive_of_a_broker_that_never_answers():
+    # A broker that takes the TCP connection and then says nothing (hung, or not MQTT at all):
+    # paho keeps its thread alive until the 30 s keepalive gives up, beyond systemd's stop timeout.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
+    pub = make_publisher(listener.getsockname()[1], keepalive_s=30)
+    pub.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held, "paho never opened the connection"
+        pub.publish(Message("test/events", "waiting", qos=1))
+        assert _close_seconds(pub, 1) < 8
+    finally:
+        listener.close()
+        for conn, _ in held:
+            conn.close()
+
+
+def test_close_does_not_wait_out_the_keepalive_of_a_broker_that_hangs(tmp_path):
+    # Connected, then the broker stops reading: the socket fills, so not even the DISCONNECT can
+    # be written, and paho's thread would live on until the keepalive (30 s) closed the socket.
+    broker = Broker(tmp_path)
+    broker.start()
+    pub = make_publisher(broker.port, keepalive_s=30)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        os.kill(broker.process.pid, signal.SIGSTOP)
+        padding = "x" * 200_000
+        for i in range(40):
+            pub.publish(Message("test/events", f"{i:02d}:{padding}", qos=1))
+        assert _close_seconds(pub, 1) < 8
+    finally:
+        os.kill(broker.process.pid, signal.SIGCONT)
+        broker.stop()
