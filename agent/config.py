@@ -539,8 +539,8 @@ def _password(cfg: MqttConfig) -> tuple[str, str] | None:
 
 
 def _read_secret(path: Path, what: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
+    try:  # utf-8-sig: without the byte-order mark Windows editors put first
+        return path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError:
         raise ConfigError(f"{what}: not UTF-8 text: {path}") from None
     except OSError as exc:

@@ -63,6 +63,14 @@ def test_password_comes_from_file_then_environment(tmp_path, monkeypatch):
     assert read_password(load_config(None).mqtt) == "fromenv"
 
 
+def test_a_password_file_saved_with_a_byte_order_mark_gives_the_password_without_it(tmp_path):
+    # Windows editors save UTF-8 with a BOM; sent along, the broker would refuse the password.
+    secret = tmp_path / "pw"
+    secret.write_bytes("\ufeffs3cret\r\n".encode("utf-8"))
+    cfg = load_config(write(tmp_path, f"mqtt:\n  username: u\n  password_file: {secret}\n"))
+    assert read_password(cfg.mqtt) == "s3cret"
+
+
 def test_config_object_is_frozen():
     with pytest.raises(AttributeError):
         Config().mqtt.port = 1  # type: ignore[misc]
