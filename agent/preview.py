@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import socket
+import subprocess
 import sys
 from typing import Sequence
 
@@ -76,6 +77,29 @@ def x_display_problem(display: str | None) -> str | None:
     return None
 
 
+# Opens and closes a window, in a child process of its own: see window_problem.
+_WINDOW_PROBE = f"import cv2; cv2.namedWindow({WINDOW!r}); cv2.destroyAllWindows(); cv2.waitKey(1)"
+
+
+def window_problem(timeout: float = 30.0) -> str | None:
+    """Why OpenCV would abort on opening a window here, or None.
+
+    A display whose socket answers can still refuse the connection (no or a wrong X authority
+    cookie, as under sudo or a service), or Qt's platform plugin can fail to load; Qt then aborts
+    the whole process. So a child tries first, and its dying words become the reason. A child that
+    fails otherwise (a build without GUI support raises cv2.error) is left to the real attempt,
+    which says so itself."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _WINDOW_PROBE], capture_output=True, text=True,
+                              errors="replace", timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode >= 0:
+        return None
+    said = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    return "; ".join(said[:2]) or f"a test window was killed by signal {-done.returncode}"
+
+
 def _display_problem() -> str | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -95,6 +119,10 @@ class Preview:
         if problem:
             raise PreviewError(f"--show needs a display: {problem}; run without --show or under a desktop "
                                "session")
+        problem = window_problem() if sys.platform.startswith("linux") else None
+        if problem:
+            raise PreviewError(f"--show cannot open a window on DISPLAY={os.environ.get('DISPLAY')}: {problem} "
+                               "(is XAUTHORITY right for this user?)")
         try:
             cv2.namedWindow(WINDOW, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
         except cv2.error as exc:

@@ -250,6 +250,40 @@ def test_show_on_an_unusable_display_is_one_clear_line(broker, smiling_photo, di
     assert done.stderr.strip().count("\n") == 0
 
 
+def _write_xauthority(path: Path, cookie: bytes) -> None:
+    """An X authority file with one MIT-MAGIC-COOKIE-1 for any display (family "wild")."""
+    def field(value: bytes) -> bytes:
+        return len(value).to_bytes(2, "big") + value
+    path.write_bytes(b"\xff\xff" + field(b"") + field(b"") + field(b"MIT-MAGIC-COOKIE-1") + field(cookie))
+
+
+def test_show_with_a_display_that_refuses_the_cookie_is_one_clear_line(broker, smiling_photo, tmp_path):
+    # The socket answers, so only opening a window finds out; Qt then aborts the whole process.
+    if not shutil.which("Xvfb"):
+        pytest.fail("Xvfb is needed for the preview tests (apt-get install xvfb xdotool)")
+    server_auth, client_auth = tmp_path / "server.auth", tmp_path / "client.auth"
+    _write_xauthority(server_auth, os.urandom(16))
+    _write_xauthority(client_auth, os.urandom(16))
+    display = f":{600 + os.getpid() % 300}"
+    xvfb = subprocess.Popen(["Xvfb", display, "-auth", str(server_auth), "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from agent.preview import x_display_problem
+
+        deadline = time.monotonic() + 10
+        while x_display_problem(display) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = {k: v for k, v in os.environ.items() if k != "WAYLAND_DISPLAY"}
+        env.update(DISPLAY=display, XAUTHORITY=str(client_auth))
+        done = run_agent(broker.port, smiling_photo, "--show", env=env)
+    finally:
+        xvfb.terminate()
+        xvfb.wait(timeout=10)
+    assert done.returncode == 6, done.stderr
+    assert f"--show cannot open a window on DISPLAY={display}:" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
 def test_the_display_check_accepts_a_live_x_server(xvfb):
     from agent.preview import x_display_problem
 
