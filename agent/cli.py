@@ -98,6 +98,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.pipeline import build_agent, retained_topics  # OpenCV and the interpreter: only when running
+    from agent.retained_record import RetainedRecord, record_path
 
     cfg: Config = load_config(args.config, _overrides(args))
     _configure_logging(cfg.log_level)
@@ -108,6 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # loading, the old broker flushing) is acted on, not forgotten with the agent it was sent to.
     terminate = threading.Event()  # also ends the wait for the broker after a file run
     reload_pending = threading.Event()
+    record = RetainedRecord(record_path(args.config, os.environ.get("STATE_DIRECTORY")))
     while True:
         if terminate.is_set():
             if kept_publisher is not None:  # stopped between two agents: the kept connection says goodbye
@@ -149,6 +151,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         elif reload_pending.is_set():
             agent.notifier.reloading()
             agent.stop()
+        # What an earlier run (before a restart with another config) left retained and this one
+        # will not overwrite: emptied, or Home Assistant keeps the old device beside the new one.
+        # (After a reload the old agent has emptied them already: Agent.retract_retained.)
+        stale = record.begin(f"{cfg.mqtt.host}:{cfg.mqtt.port}", retained_topics(cfg))
+        if previous_cfg is None and agent.empty_retained(stale):
+            logger.info("emptied %d retained topic(s) an earlier configuration left on the broker", len(stale))
         if kept_publisher is None:
             agent.publisher.start()
         try:
@@ -191,6 +199,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                           cancel=None if prompt else terminate)
         undelivered = agent.publisher.pending()
         agent.publisher.close(timeout=1.0 if not delivered else 5.0)
+        if delivered:
+            record.settled()
         logger.info("processed %d frames, %d events", result.frames, result.events)
         if not delivered and terminate.is_set():  # a SIGTERM may also end the wait itself
             logger.warning("stopping with %d message(s) the broker has not acknowledged", undelivered)

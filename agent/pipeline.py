@@ -179,10 +179,13 @@ class Agent:
         """Empties, on the broker, what this agent left retained (discovery, state, stats) outside
         `keep`: after a reload that moves the topics, Home Assistant drops the old device instead of
         keeping it, dead, beside the new one. Returns how many topics were emptied."""
-        gone = sorted(retained_topics(self.cfg) - keep)
-        for topic in gone:
+        return self.empty_retained(retained_topics(self.cfg) - keep)
+
+    def empty_retained(self, topics: set[str]) -> int:
+        """Publishes an empty retained message (which deletes the retained one) to each of `topics`."""
+        for topic in sorted(topics):
             self.publisher.publish(Message(topic, "", retain=True, qos=1))
-        return len(gone)
+        return len(topics)
 
     # --- the loop ---------------------------------------------------------------------------
 

@@ -264,3 +264,32 @@ def test_home_assistant_birth_gets_discovery_again(broker, subscriber_factory, c
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_restart_with_other_topics_empties_what_the_last_run_left_retained(broker, subscriber_factory, clip,
+                                                                            tmp_path):
+    # A reload knows the old topics; a restart only through the record in the state directory.
+    config, state = tmp_path / "config.yaml", tmp_path / "state"
+    state.mkdir()
+    env = dict(os.environ, STATE_DIRECTORY=str(state))
+
+    def run_with_prefix(prefix: str) -> subprocess.CompletedProcess:
+        config.write_text(f"mqtt:\n  topic_prefix: {prefix}\n")
+        return subprocess.run([sys.executable, "-m", "agent", "run", "--source", str(clip), "--config", str(config),
+                               "--mqtt-port", str(broker.port), "--log-level", "info"],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    first = run_with_prefix("first/agent")
+    assert first.returncode == 0, first.stderr
+    second = run_with_prefix("second/agent")
+    assert second.returncode == 0, second.stderr
+    retained = subscriber_factory(broker.port, ["homeassistant/#", "first/#", "second/#"])
+    retained.wait_for(lambda m: m[0] == "second/agent/state" and m[2])
+    time.sleep(0.5)  # the rest of the retained messages
+    kept = {t: p for t, p, is_retained in retained.all if is_retained and p}
+    assert not [t for t, p in kept.items() if t.startswith("first/agent/") and t != "first/agent/availability"]
+    assert not [t for t, p in kept.items() if t.startswith("homeassistant/") and b"first/agent" in p]
+    assert [t for t, p in kept.items() if t.startswith("homeassistant/") and b"second/agent" in p]
+    record = json.loads(next(state.glob("retained-*.json")).read_text())
+    assert not [t for t in record["topics"] if "first" in t]  # settled: delivered, so forgotten
+    assert re.search(r"emptied \d+ retained topic\(s\) an earlier configuration left", second.stderr), second.stderr

@@ -1,0 +1,85 @@
+"""What an agent left retained on its broker, remembered across restarts.
+
+A reload empties the retained topics its new config no longer uses (`Agent.retract_retained`);
+a restart knows only the new config, and Home Assistant would keep the old device, dead, beside
+the new one. So the topics an agent keeps retained (discovery, state, stats) are written to a file
+in the state directory systemd gives the service (`$STATE_DIRECTORY`, /var/lib/emotion-agent),
+one file per config file, and the next start empties what the last one left there and will not
+overwrite itself. Without a state directory nothing is remembered.
+
+Topics handed out for emptying stay in the record until a run ends with everything delivered
+(`settled`): a crash or an unreachable broker means they are emptied again at the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def record_path(config_path: str | None, state_directory: str | None) -> Path | None:
+    """Where the record for `config_path` lives, or None without a state directory. systemd
+    separates several state directories with colons; the first is the service's own."""
+    first = (state_directory or "").split(":")[0]
+    if not first:
+        return None
+    key = os.path.abspath(config_path) if config_path else "(no config file)"
+    return Path(first) / f"retained-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.json"
+
+
+class RetainedRecord:
+    """The record file at `path` (None: remembers nothing). Problems with the file are warnings:
+    the agent runs on without it."""
+
+    def __init__(self, path: Path | None):
+        self._path = path
+        self._broker: str | None = None
+        self._current: set[str] = set()  # what the running agent keeps retained
+        self._warned = False
+
+    def _load(self) -> tuple[str, set[str]] | None:
+        try:
+            data = json.loads(self._path.read_text(encoding="utf-8"))
+            broker, topics = data["broker"], data["topics"]
+            if not (isinstance(broker, str) and isinstance(topics, list) and all(isinstance(t, str) for t in topics)):
+                raise ValueError("unexpected contents")
+            return broker, set(topics)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: cannot use the record of retained topics (%s); starting a new one",
+                           self._path, getattr(exc, "strerror", None) or exc)
+            return None
+
+    def _save(self, broker: str, topics: set[str]) -> None:
+        temporary = self._path.with_suffix(".tmp")
+        try:
+            temporary.write_text(json.dumps({"broker": broker, "topics": sorted(topics)}), encoding="utf-8")
+            os.replace(temporary, self._path)  # never a half-written record
+        except OSError as exc:
+            if not self._warned:  # once: it is retried at every reload and stop
+                logger.warning("%s: cannot save the record of retained topics: %s", self._path,
+                               exc.strerror or exc)
+                self._warned = True
+
+    def begin(self, broker: str, topics: set[str]) -> set[str]:
+        """Records `topics` as kept retained on `broker`; returns those the record held for that
+        broker which `topics` do not cover: the caller empties them. They stay recorded until
+        `settled`."""
+        if self._path is None:
+            return set()
+        previous = self._load()
+        stale = previous[1] - topics if previous is not None and previous[0] == broker else set()
+        self._broker, self._current = broker, set(topics)
+        self._save(broker, topics | stale)
+        return stale
+
+    def settled(self) -> None:
+        """Everything was delivered: the emptied topics need not be remembered."""
+        if self._path is not None and self._broker is not None:
+            self._save(self._broker, self._current)

@@ -1,0 +1,58 @@
+"""The record of retained topics kept across restarts: pure file logic, no broker."""
+
+import json
+import logging
+
+from agent.retained_record import RetainedRecord, record_path
+
+BROKER = "broker.lan:1883"
+
+
+def test_stale_topics_are_those_the_last_run_kept_on_the_same_broker(tmp_path):
+    path = record_path("/etc/emotion-agent/config.yaml", str(tmp_path))
+    assert RetainedRecord(path).begin(BROKER, {"a/state", "a/stats"}) == set()  # the first run
+    second = RetainedRecord(path)
+    assert second.begin(BROKER, {"b/state", "a/stats"}) == {"a/state"}
+    # Until a run ends with everything delivered, the emptied topics stay recorded.
+    assert RetainedRecord(path).begin(BROKER, {"b/state", "a/stats"}) == {"a/state"}
+    second.settled()
+    assert RetainedRecord(path).begin(BROKER, {"b/state"}) == {"a/stats"}
+
+
+def test_another_broker_forgets_the_old_topics(tmp_path):
+    path = record_path("config.yaml", str(tmp_path))
+    RetainedRecord(path).begin(BROKER, {"a/state"})
+    assert RetainedRecord(path).begin("other:1883", {"b/state"}) == set()
+    assert RetainedRecord(path).begin(BROKER, {"b/state"}) == set()
+
+
+def test_each_config_file_has_its_own_record_and_none_without_a_state_directory(tmp_path):
+    one, two = record_path("/etc/a.yaml", str(tmp_path)), record_path("/etc/b.yaml", f"{tmp_path}:/var/lib/other")
+    assert one != two and one.parent == two.parent == tmp_path
+    assert record_path("/etc/a.yaml", None) is None and record_path("/etc/a.yaml", "") is None
+    assert RetainedRecord(None).begin(BROKER, {"a"}) == set()
+
+
+def test_a_damaged_record_is_a_warning_and_a_new_start(tmp_path, caplog):
+    path = record_path("config.yaml", str(tmp_path))
+    for damaged in ("{not json", json.dumps({"broker": BROKER}), json.dumps({"broker": 1, "topics": []}),
+                    json.dumps({"broker": BROKER, "topics": [1]}), json.dumps([1, 2]),
+                    json.dumps({"broker": BROKER, "topics": "a/state"})):
+        path.write_text(damaged)
+        with caplog.at_level(logging.WARNING):
+            assert RetainedRecord(path).begin(BROKER, {"a"}) == set()
+        assert "cannot use the record of retained topics" in caplog.text
+        caplog.clear()
+    path.write_bytes(b"\xff\xfe")
+    with caplog.at_level(logging.WARNING):
+        assert RetainedRecord(path).begin(BROKER, {"a"}) == set()
+    assert "cannot use the record" in caplog.text
+
+
+def test_an_unwritable_state_directory_is_one_warning_and_no_failure(tmp_path, caplog):
+    record = RetainedRecord(tmp_path / "missing" / "retained.json")
+    with caplog.at_level(logging.WARNING):
+        assert record.begin(BROKER, {"a"}) == set()
+        record.settled()
+        record.begin(BROKER, {"b"})
+    assert caplog.text.count("cannot save the record of retained topics") == 1
