@@ -109,7 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # loading, the old broker flushing) is acted on, not forgotten with the agent it was sent to.
     terminate = threading.Event()  # also ends the wait for the broker after a file run
     reload_pending = threading.Event()
-    record = RetainedRecord(record_path(args.config, os.environ.get("STATE_DIRECTORY")))
+    record = RetainedRecord(record_path(os.environ.get("STATE_DIRECTORY"), args.config, args.topic_prefix))
     while True:
         if terminate.is_set():
             if kept_publisher is not None:  # stopped between two agents: the kept connection says goodbye
@@ -153,10 +153,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             agent.stop()
         # What an earlier run (before a restart with another config) left retained and this one
         # will not overwrite: emptied, or Home Assistant keeps the old device beside the new one.
-        # (After a reload the old agent has emptied them already: Agent.retract_retained.)
+        # After a reload the old agent has emptied them already (Agent.retract_retained), but
+        # perhaps not delivered: once more does no harm.
         stale = record.begin(f"{cfg.mqtt.host}:{cfg.mqtt.port}", retained_topics(cfg))
-        if previous_cfg is None and agent.empty_retained(stale):
-            logger.info("emptied %d retained topic(s) an earlier configuration left on the broker", len(stale))
+        if agent.empty_retained(stale):
+            logger.info("emptying %d retained topic(s) an earlier configuration left on the broker", len(stale))
         if kept_publisher is None:
             agent.publisher.start()
         try:

@@ -6,7 +6,8 @@
 - While disconnected, messages wait in a bounded queue (QoS>0: paho's own ordered queue, which
   also re-sends what was in flight when the link dropped); when it is full, further messages are
   dropped and counted. Retained messages are not queued: only their latest value matters and it
-  is re-sent on connect.
+  is re-sent on connect. An empty retained message (which deletes a topic's value) is sent once,
+  like an event.
 - The Last Will publishes a retained `offline` if the agent vanishes.
 """
 
@@ -39,6 +40,12 @@ class Message:
     payload: str
     retain: bool = False
     qos: int = 1
+
+    @property
+    def kept_retained(self) -> bool:
+        """A retained value the publisher keeps and re-sends on every connect. An empty retained
+        message deletes the topic's value on the broker: it is sent once, like an event."""
+        return self.retain and self.payload != ""
 
 
 class Publisher(Protocol):
@@ -251,18 +258,18 @@ class MqttPublisher:
                     self._early_acks.discard(info.mid)
                 else:
                     self._unacked[info.mid] = message
-            elif not message.retain:
+            elif not message.kept_retained:
                 self._queue(message)  # QoS 0 while the link was down: paho would drop it
 
     def _requeue_unsent_qos0(self) -> None:
         """QoS 0 messages paho had not finished writing when the link dropped: paho discards them
         on reconnect without a callback, so they go back to the front of the backlog, in order, to
         be sent now that it is connected again (a retained one needs not: its topic's latest value
-        is re-sent anyway). Left in `_unacked` they would never leave it. Called with the lock held."""
+        is re-sent anyway; an empty one is not). Left in `_unacked` they would never leave it. Called with the lock held."""
         unsent = [mid for mid, message in self._unacked.items() if message.qos == 0]
         if not unsent:
             return
-        kept = [m for m in (self._unacked.pop(mid) for mid in unsent) if not m.retain]
+        kept = [m for m in (self._unacked.pop(mid) for mid in unsent) if not m.kept_retained]
         backlog = kept + list(self._backlog)
         self._backlog.clear()
         for message in backlog:
@@ -285,7 +292,9 @@ class MqttPublisher:
     def publish(self, message: Message) -> None:
         """Send now, or keep for the next connection; never blocks on the network."""
         with self._lock:
-            if message.retain:
+            if message.retain:  # the topic's latest value replaces what was kept for it
+                self._retained.pop(message.topic, None)
+            if message.kept_retained:
                 # Only the latest value matters, and it is (re)sent on every connect.
                 self._retained[message.topic] = message
                 send = self._connected

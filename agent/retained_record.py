@@ -4,8 +4,10 @@ A reload empties the retained topics its new config no longer uses (`Agent.retra
 a restart knows only the new config, and Home Assistant would keep the old device, dead, beside
 the new one. So the topics an agent keeps retained (discovery, state, stats) are written to a file
 in the state directory systemd gives the service (`$STATE_DIRECTORY`, /var/lib/emotion-agent),
-one file per config file, and the next start empties what the last one left there and will not
-overwrite itself. Without a state directory nothing is remembered.
+one file per config file (and `--topic-prefix`), and the next start empties what the last one left
+there and will not overwrite itself. A record written on another host (an SD card image cloned
+to a second device) or for another broker is not acted on: those topics may be another agent's.
+Without a state directory nothing is remembered.
 
 Topics handed out for emptying stay in the record until a run ends with everything delivered
 (`settled`): a crash or an unreachable broker means they are emptied again at the next start.
@@ -17,18 +19,20 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
-def record_path(config_path: str | None, state_directory: str | None) -> Path | None:
-    """Where the record for `config_path` lives, or None without a state directory. systemd
-    separates several state directories with colons; the first is the service's own."""
+def record_path(state_directory: str | None, config_path: str | None, topic_prefix: str | None = None) -> Path | None:
+    """Where the record of the agent started with `config_path` (and `--topic-prefix`, which tells
+    two agents with one config apart) lives, or None without a state directory. systemd separates
+    several state directories with colons; the first is the service's own."""
     first = (state_directory or "").split(":")[0]
     if not first:
         return None
-    key = os.path.abspath(config_path) if config_path else "(no config file)"
+    key = json.dumps([os.path.abspath(config_path) if config_path else None, topic_prefix])
     return Path(first) / f"retained-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.json"
 
 
@@ -42,13 +46,14 @@ class RetainedRecord:
         self._current: set[str] = set()  # what the running agent keeps retained
         self._warned = False
 
-    def _load(self) -> tuple[str, set[str]] | None:
+    def _load(self) -> tuple[str, str, set[str]] | None:
         try:
             data = json.loads(self._path.read_text(encoding="utf-8"))
-            broker, topics = data["broker"], data["topics"]
-            if not (isinstance(broker, str) and isinstance(topics, list) and all(isinstance(t, str) for t in topics)):
+            host, broker, topics = data["host"], data["broker"], data["topics"]
+            if not (isinstance(host, str) and isinstance(broker, str) and isinstance(topics, list)
+                    and all(isinstance(t, str) for t in topics)):
                 raise ValueError("unexpected contents")
-            return broker, set(topics)
+            return host, broker, set(topics)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -59,7 +64,8 @@ class RetainedRecord:
     def _save(self, broker: str, topics: set[str]) -> None:
         temporary = self._path.with_suffix(".tmp")
         try:
-            temporary.write_text(json.dumps({"broker": broker, "topics": sorted(topics)}), encoding="utf-8")
+            record = {"host": socket.gethostname(), "broker": broker, "topics": sorted(topics)}
+            temporary.write_text(json.dumps(record), encoding="utf-8")
             os.replace(temporary, self._path)  # never a half-written record
         except OSError as exc:
             if not self._warned:  # once: it is retried at every reload and stop
@@ -74,7 +80,11 @@ class RetainedRecord:
         if self._path is None:
             return set()
         previous = self._load()
-        stale = previous[1] - topics if previous is not None and previous[0] == broker else set()
+        stale = set()
+        if previous is not None and previous[:2] == (socket.gethostname(), broker):
+            stale = previous[2] - topics
+        elif previous is not None and previous[0] != socket.gethostname():
+            logger.info("%s was written on host %s: its topics are left alone", self._path, previous[0])
         self._broker, self._current = broker, set(topics)
         self._save(broker, topics | stale)
         return stale

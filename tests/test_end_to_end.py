@@ -273,6 +273,8 @@ def test_show_with_a_display_that_refuses_the_cookie_is_one_clear_line(broker, s
         deadline = time.monotonic() + 10
         while x_display_problem(display) is not None and time.monotonic() < deadline:
             time.sleep(0.05)
+        if xvfb.poll() is not None or x_display_problem(display) is not None:
+            pytest.fail(f"Xvfb did not start on {display} (another X server there?)")
         env = {k: v for k, v in os.environ.items() if k != "WAYLAND_DISPLAY"}
         env.update(DISPLAY=display, XAUTHORITY=str(client_auth))
         done = run_agent(broker.port, smiling_photo, "--show", env=env)

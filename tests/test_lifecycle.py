@@ -300,4 +300,42 @@ def test_a_restart_with_other_topics_empties_what_the_last_run_left_retained(bro
     assert [t for t, p in kept.items() if t.startswith("homeassistant/") and b"second/agent" in p]
     record = json.loads(next(state.glob("retained-*.json")).read_text())
     assert not [t for t in record["topics"] if "first" in t]  # settled: delivered, so forgotten
-    assert re.search(r"emptied \d+ retained topic\(s\) an earlier configuration left", second.stderr), second.stderr
+    assert re.search(r"emptying \d+ retained topic\(s\) an earlier configuration left", second.stderr), second.stderr
+
+
+def test_a_reload_that_moves_the_topics_while_the_broker_is_down_still_empties_the_old_ones(
+        tmp_path, subscriber_factory, clip):
+    # The old agent's emptying cannot reach a broker that is down, and its connection is closed
+    # for the new one: the record hands the old topics to the new agent, which empties them.
+    broker = Broker(tmp_path, persistent=True)
+    broker.start()
+    config, state = tmp_path / "config.yaml", tmp_path / "state"
+    state.mkdir()
+    config.write_text("mqtt:\n  topic_prefix: first/agent\n  reconnect_max_s: 1\n")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", str(clip), "--loop", "--realtime",
+                             "--config", str(config), "--mqtt-port", str(broker.port)],
+                            env=dict(os.environ, STATE_DIRECTORY=str(state)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        subscriber_factory(broker.port, "first/#").wait_for(lambda m: m[0] == "first/agent/state", timeout=60)
+        broker.stop()
+        config.write_text("mqtt:\n  topic_prefix: second/agent\n  reconnect_max_s: 1\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(5)  # the old connection gives up on its queue (3 s) and the new agent starts
+        broker.start()
+        subscriber_factory(broker.port, "second/#").wait_for(lambda m: m[0] == "second/agent/state", timeout=60)
+        code, _, err = stop(proc)
+        assert code == 0, err
+        retained = subscriber_factory(broker.port, ["homeassistant/#", "first/#", "second/#"])
+        from agent.config import load_config
+        from agent.pipeline import retained_topics
+
+        for topic in retained_topics(load_config(str(config))):
+            retained.wait_for(lambda m: m[0] == topic and m[2])
+        kept = {t: p for t, p, is_retained in retained.all if is_retained and p}
+        assert not [t for t in kept if t.startswith("first/agent/") and t != "first/agent/availability"]
+        assert not [t for t, p in kept.items() if t.startswith("homeassistant/") and b"first/agent" in p]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        broker.stop()

@@ -307,3 +307,26 @@ def test_close_does_not_wait_out_the_keepalive_of_a_broker_that_hangs(tmp_path):
     finally:
         os.kill(broker.process.pid, signal.SIGCONT)
         broker.stop()
+
+
+def test_an_empty_retained_message_is_delivered_once_not_re_sent_with_the_retained_values(broker,
+                                                                                         subscriber_factory):
+    # Emptying a topic someone used to own: re-sent on every reconnect and Home Assistant birth,
+    # it would wipe whatever the topic's new owner retains there.
+    pub = make_publisher(broker.port)
+    pub.publish(Message("test/old/state", "", retain=True))
+    assert pub.pending() == 1  # before the first connection: a flush waits for it
+    pub.start()
+    other = make_publisher(broker.port, client_id="new-owner")
+    other.start()
+    try:
+        assert pub.flush(10) and pub.pending() == 0
+        other.publish(Message("test/old/state", "theirs", retain=True))
+        assert other.flush(10)
+        pub.republish_retained()
+        assert pub.flush(10)
+        fresh = subscriber_factory(broker.port, "test/old/state")
+        assert fresh.wait_for(lambda m: m[2])[1] == b"theirs"
+    finally:
+        pub.close(1)
+        other.close(1)
