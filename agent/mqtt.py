@@ -92,16 +92,10 @@ class BrokerSettings:
     reconnect_max_s: float = 60.0
 
 
-class _QuietRetries(logging.Filter):
-    """paho logs an ERROR on every retry while the broker is unreachable; the publisher already says
-    so in one warning (and again only when the reason changes), so these are dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
-
-
 _paho_logger = logging.getLogger("agent.paho")
-_paho_logger.addFilter(_QuietRetries())
+# paho logs these as ERRORs on every retry, or as the link drops; the publisher says it in its
+# own warnings instead, once, and again only when the reason changes.
+_SAID_BY_THE_PUBLISHER = ("Client is not connected", "failed to receive on socket", "failed to send on socket")
 
 
 SHORT_SESSION_S = 5.0
@@ -130,6 +124,8 @@ class MqttPublisher:
         self.last_error: str | None = None
         self._connected_at = 0.0
         self._short_sessions = 0  # connections in a row that the broker dropped within seconds
+        self._socket_error: str | None = None  # what the socket said as paho lost it
+        self._refused = False  # the broker's CONNACK refused the connection now being closed
         self._client = self._make_client()
 
     # --- setup -------------------------------------------------------------------------------
@@ -141,7 +137,7 @@ class MqttPublisher:
     def _make_client(self) -> paho.Client:
         s = self._s
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
-        client.enable_logger(_paho_logger)
+        client.on_log = self._handle_log
         client.will_set(s.availability_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)),
                                    max_delay=max(1, round(s.reconnect_max_s)))
@@ -173,10 +169,22 @@ class MqttPublisher:
 
     # --- paho callbacks (network thread) -----------------------------------------------------
 
+    def _handle_log(self, client, userdata, level, text: str) -> None:
+        if text.startswith(_SAID_BY_THE_PUBLISHER):
+            if ": " in text:  # the socket's error: the reason given for the disconnect that follows
+                self._socket_error = text.split(": ", 1)[1]
+            return
+        if self._closing and level == paho.MQTT_LOG_ERR:
+            return  # paho 2.2 logs an ERROR from its loop once the socket is closed on purpose
+        _paho_logger.log(paho.LOGGING_LEVEL[level], "%s", text)
+
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self._refused = True  # the broker hangs up next: this is the reason, already given
+            if str(reason_code) != self.last_error:  # once, not at every retry for months
+                logger.error("broker %s:%d refused the connection: %s; retrying", self._s.host, self._s.port,
+                             reason_code)
             self.last_error = str(reason_code)
-            logger.error("broker %s:%d refused the connection: %s", self._s.host, self._s.port, reason_code)
             return
         online = Message(self._s.availability_topic, ONLINE, retain=True, qos=1)
         with self._lock:
@@ -217,8 +225,18 @@ class MqttPublisher:
             self._connected = False
             self._resent = False
             self._idle.notify_all()
+        why = self._socket_error or str(reason_code)
+        self._socket_error = None
+        refused, self._refused = self._refused, False
+        if not was_connected and not refused and not self._closing:
+            # Closed before its CONNACK: a TLS listener hangs up on a plain CONNECT, for one.
+            text = f"closed the connection before accepting it ({why})"
+            if text != self.last_error:
+                hint = "" if self._s.tls else " (if it listens with TLS on this port, set mqtt.tls.enabled: true)"
+                logger.warning("broker %s:%d %s; retrying%s", self._s.host, self._s.port, text, hint)
+            self.last_error = text
         if was_connected and not self._closing:
-            logger.warning("lost the broker connection (%s); reconnecting", reason_code)
+            logger.warning("lost the broker connection (%s); reconnecting", why)
             # A broker drops a client when another connects with its id: two agents with one
             # client id take turns, each knocked off within a second, and nothing else says why.
             lasted = time.monotonic() - self._connected_at
@@ -365,8 +383,6 @@ class MqttPublisher:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass
-        # paho 2.2 logs an ERROR from its loop once the socket is closed on purpose.
-        self._client.disable_logger()
         # Connected or not: it also ends a connection attempt waiting for its CONNACK, or a
         # wait between retries.
         self._client.disconnect()

@@ -330,3 +330,4 @@ def test_an_empty_retained_message_is_delivered_once_not_re_sent_with_the_retain
     finally:
         pub.close(1)
         other.close(1)
+

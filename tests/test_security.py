@@ -196,9 +196,25 @@ def test_refused_credentials_leave_the_publisher_disconnected_and_say_why(
     pub = publishers(agent_settings(secure_broker.port, pki, username=username, password=password))
     assert wait_until(lambda: pub.last_error is not None, 10)
     assert pub.last_error == "Not authorized" and not pub.connected
+    time.sleep(2.5)  # two more refusals, a second apart: said once, not at every retry for months
     refusals = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
-    assert refusals and "refused the connection: Not authorized" in refusals[0]
+    assert len(refusals) == 1 and "refused the connection: Not authorized; retrying" in refusals[0]
     assert all(AGENT_PASSWORD not in text for text in refusals)
+
+
+def test_a_plain_connection_to_the_tls_port_is_one_warning_that_says_so(secure_broker, pki, publishers, caplog):
+    # The broker hangs up on a plain CONNECT: paho said only "failed to receive on socket", as an
+    # ERROR, at every retry, and the agent nothing of its own.
+    caplog.set_level("INFO")
+    pub = publishers(agent_settings(secure_broker.port, pki, tls=False, ca_file=None))
+    assert wait_until(lambda: pub.last_error is not None, 10)
+    time.sleep(2.5)  # two more tries, a second apart
+    assert pub.connects == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"broker 127.0.0.1:{secure_broker.port} closed the connection before accepting it (")
+    assert said[0].endswith("; retrying (if it listens with TLS on this port, set mqtt.tls.enabled: true)")
+    assert not [r for r in caplog.records if r.name == "agent.paho" and r.levelno >= logging.WARNING]
 
 
 def test_a_broker_certificate_signed_by_another_ca_is_refused_even_with_tls_insecure(broker_dir, pki, publishers):
