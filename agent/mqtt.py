@@ -99,6 +99,7 @@ _SAID_BY_THE_PUBLISHER = ("Client is not connected", "failed to receive on socke
 
 
 SHORT_SESSION_S = 5.0
+KEEPALIVE_TIMEOUT = 141  # the reason code paho gives when the broker says nothing for a keepalive
 # How long paho's thread may take to write the DISCONNECT and end, before the socket is cut.
 STOP_GRACE_S = 1.0
 
@@ -229,10 +230,14 @@ class MqttPublisher:
         self._socket_error = None
         refused, self._refused = self._refused, False
         if not was_connected and not refused and not self._closing:
-            # Closed before its CONNACK: a TLS listener hangs up on a plain CONNECT, for one.
-            text = f"closed the connection before accepting it ({why})"
-            if text != self.last_error:
+            # Closed before its CONNACK: a TLS listener hangs up on a plain CONNECT, for one, and
+            # something that is no MQTT broker may never answer at all.
+            if reason_code == KEEPALIVE_TIMEOUT:
+                text, hint = f"did not answer the connection within {self._s.keepalive_s} s", " (is this its MQTT port?)"
+            else:
+                text = f"closed the connection before accepting it ({why})"
                 hint = "" if self._s.tls else " (if it listens with TLS on this port, set mqtt.tls.enabled: true)"
+            if text != self.last_error:
                 logger.warning("broker %s:%d %s; retrying%s", self._s.host, self._s.port, text, hint)
             self.last_error = text
         if was_connected and not self._closing:

@@ -331,3 +331,34 @@ def test_an_empty_retained_message_is_delivered_once_not_re_sent_with_the_retain
         pub.close(1)
         other.close(1)
 
+
+
+def test_a_listener_that_never_answers_is_one_warning_that_says_so(caplog):
+    # Something that takes the connection and never speaks MQTT: paho gives up after a keepalive.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept_forever():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    pub = make_publisher(listener.getsockname()[1], keepalive_s=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="agent.mqtt"):
+            pub.start()
+            deadline = time.monotonic() + 15
+            while len(held) < 3 and time.monotonic() < deadline:  # three tries, all silent
+                time.sleep(0.05)
+        assert len(held) >= 3
+    finally:
+        pub.close(1)
+        listener.close()
+        for conn in held:
+            conn.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
+    assert said == [f"broker 127.0.0.1:{pub.settings.port} did not answer the "
+                    "connection within 1 s; retrying (is this its MQTT port?)"]
