@@ -183,6 +183,7 @@ def redact_url(text: str) -> str:
 # --- validation -------------------------------------------------------------------------------
 
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_YAML11_OCTAL = re.compile(r"[-+]?0[0-7_]+")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
@@ -459,6 +460,12 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
             if depth > MAX_CONFIG_DEPTH:
                 raise ConfigError(f"{origin}:{event.start_mark.line + 1}: nested more than {MAX_CONFIG_DEPTH} "
                                   "levels deep; the config has three")
+            # YAML 1.1 reads a plain 010 as octal 8: `source: 010` would open camera 8.
+            if isinstance(event, yaml.ScalarEvent) and event.implicit[0] and event.style is None \
+                    and _YAML11_OCTAL.fullmatch(event.value):
+                raise ConfigError(f"{origin}:{event.start_mark.line + 1}: {event.value} is an octal number in YAML "
+                                  f"(= {int(event.value.replace('_', ''), 8)}); write it without the leading "
+                                  "zero, or quote it")
         data = yaml.safe_load(text) if text else {}
     except ValueError as exc:  # int() refuses a literal of over 4300 digits; a date that is none
         problem = "a number of thousands of digits" if "digits" in str(exc) else str(exc).splitlines()[0]

@@ -120,6 +120,8 @@ BAD_CONFIGS = [
     ("mqtt:\n  password_file: /\n", "mqtt.password_file: not a regular file: /"),
     ("detector:\n  kind: haar\n  model: /dev/null\n", "detector.model: not a regular file"),
     ("mqtt:\n  port: 1883\n  port: 1884\n", "config.yaml:3: mqtt.port: set twice (first on line 2)"),
+    ("source: 010\n", "config.yaml:1: 010 is an octal number in YAML (= 8); write it without the leading zero"),
+    ("mqtt:\n  queue_size: 0100\n", "config.yaml:2: 0100 is an octal number in YAML (= 64)"),
     ("mqtt:\n  host: a\nsource: 0\nmqtt:\n  port: 1\n", "config.yaml:4: mqtt: set twice (first on line 1)"),
     # Found by a sweep of bad inputs: each of these used to end in a traceback, or in a broker that
     # silently refused every message.
