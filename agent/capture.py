@@ -454,11 +454,15 @@ def check_video_file(video: str, command: str) -> None:
 def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False) -> FrameSource:
     """The frame source for a --source string, configured from the camera section."""
     kind, target = classify_source(source)
-    if kind == "image":
-        return ImageSource(str(target))
     if kind == "video":
         check_file_source(kind, target)
         return VideoFileSource(str(target), realtime=realtime, loop=loop)
+    ignored = [flag for flag, given in (("--realtime", realtime), ("--loop", loop)) if given]
+    if ignored:  # said, so that nobody waits for a photo to loop
+        logger.warning("%s: for video files only; ignored for %s %s", " and ".join(ignored),
+                       "an image" if kind == "image" else "a live source", redact_url(str(target)))
+    if kind == "image":
+        return ImageSource(str(target))
     if camera_device_missing(kind, target):
         logger.warning("camera device %s is not present (yet): waiting for it", target)
     options = {}

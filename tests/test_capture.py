@@ -204,3 +204,17 @@ def test_a_stream_password_stays_out_of_the_log(tmp_path, caplog):
             source.close()
     assert "stream rtsp://admin:***@192.168.1.20:554/stream1?channel=1: reconnecting" in caplog.text
     assert "S3cret" not in caplog.text
+
+
+def test_loop_and_realtime_are_said_to_be_ignored_where_they_do_nothing(tmp_path, smiling_photo, caplog):
+    video = tmp_path / "clip.avi"
+    write_video(video, 3)
+    with caplog.at_level(logging.WARNING, logger="agent.capture"):
+        make_source(str(video), None, realtime=True, loop=True).close()
+        assert not caplog.records  # a video file uses both
+        make_source(str(smiling_photo), None, loop=True).close()
+        camera = make_source("/dev/video99", None, realtime=True, loop=True)
+        camera.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert f"--loop: for video files only; ignored for an image {smiling_photo}" in said
+    assert "--realtime and --loop: for video files only; ignored for a live source /dev/video99" in said
