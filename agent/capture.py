@@ -166,7 +166,9 @@ class VideoFileSource:
     still = False
     PREFETCH = 4
 
-    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False):
+    def __init__(self, path: str, *, realtime: bool = False, loop: bool = False, start_index: int = 0):
+        """`start_index`: the first frame to hand out (a reload resumes where the last run stopped);
+        the frames before it are decoded but not kept, so indexes and timestamps stay the video's."""
         self._path = path
         self._realtime = realtime
         self._loop = loop
@@ -174,8 +176,10 @@ class VideoFileSource:
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps and 1 <= fps <= 240 else 25.0
         self.frame_count: int | None = max(int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) or None  # as the container says
-        self._start = time.monotonic()
         self._index = 0
+        while self._index < start_index and self._cap.grab():  # exact, unlike a seek to a frame number
+            self._index += 1
+        self._start = time.monotonic() - self._index / self.fps  # realtime pacing goes on from there
         self._ended = False
         self._corrupt = 0
         self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=self.PREFETCH)
@@ -451,12 +455,14 @@ def check_video_file(video: str, command: str) -> None:
     check_file_source(kind, target)
 
 
-def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False) -> FrameSource:
-    """The frame source for a --source string, configured from the camera section."""
+def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False,
+                start_index: int = 0) -> FrameSource:
+    """The frame source for a --source string, configured from the camera section (`start_index`:
+    where a video file starts)."""
     kind, target = classify_source(source)
     if kind == "video":
         check_file_source(kind, target)
-        return VideoFileSource(str(target), realtime=realtime, loop=loop)
+        return VideoFileSource(str(target), realtime=realtime, loop=loop, start_index=start_index)
     ignored = [flag for flag, given in (("--realtime", realtime), ("--loop", loop)) if given]
     if ignored:  # said, so that nobody waits for a photo to loop
         logger.warning("%s: for video files only; ignored for %s %s", " and ".join(ignored),

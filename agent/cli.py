@@ -110,6 +110,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     terminate = threading.Event()  # also ends the wait for the broker after a file run
     reload_pending = threading.Event()
     record = RetainedRecord(record_path(os.environ.get("STATE_DIRECTORY"), args.config, args.topic_prefix))
+    start_index = 0  # where a video file starts: after a reload, the frame the last agent reached
     while True:
         if terminate.is_set():
             if kept_publisher is not None:  # stopped between two agents: the kept connection says goodbye
@@ -117,7 +118,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 kept_publisher.close(timeout=1.0)
             return 0
         try:
-            agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, publisher=kept_publisher)
+            agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, start_index=start_index,
+                                publisher=kept_publisher)
         except Exception as exc:
             if previous_cfg is None:
                 raise
@@ -179,6 +181,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 logger.error("SIGHUP: cannot read the new configuration, keeping the old one: %s: %s (%s)",
                              type(exc).__name__, exc, _where(exc))
                 new_cfg = cfg
+            # A video file goes on from the frame it reached: played from the start again, its
+            # events would all be published twice. (With --loop it starts over anyway.)
+            file_run = not (args.loop or agent.source.live or agent.source.still)
+            start_index = result.next_index if file_run and new_cfg.source == cfg.source else 0
+            if start_index:
+                logger.info("SIGHUP: the video goes on from frame %d", start_index)
             if _same_connection(cfg, new_cfg, agent.publisher):
                 # The same broker, topics and queue: keep the connection and whatever waits in its
                 # queue, with no `offline` blip for subscribers.

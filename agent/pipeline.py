@@ -96,6 +96,7 @@ class RunResult:
     frames: int = 0
     events: int = 0
     stopped_by_user: bool = False
+    next_index: int = 0  # the index of the frame after the last one processed: where a reload resumes a file
 
 
 @dataclass
@@ -324,6 +325,7 @@ class Agent:
             self.times.add("publish", watch.lap())
             self.times.frame_done(time.monotonic())
             result.frames += 1
+            result.next_index = frame.index + 1
             if result.frames == 1:
                 self.notifier.ready()
                 logger.info("first frame processed; running")
@@ -355,9 +357,10 @@ class Agent:
 
 
 def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop: bool = False,
-                source: FrameSource | None = None, publisher: Publisher | None = None) -> Agent:
-    """Every stage from the config (a source or publisher given here replaces the configured one).
-    Raises AgentError subclasses with one-line messages."""
+                start_index: int = 0, source: FrameSource | None = None, publisher: Publisher | None = None) -> Agent:
+    """Every stage from the config (a source or publisher given here replaces the configured one;
+    `start_index`: the frame a video file starts at). Raises AgentError subclasses with one-line
+    messages."""
     topics = Topics(topic_root(cfg.mqtt))
     preview = None
     if show:  # first: a missing display should not wait for the models to load
@@ -365,7 +368,7 @@ def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop
 
         preview = Preview()
     if source is None:
-        source = make_source(cfg.source, cfg.camera, realtime=realtime, loop=loop)
+        source = make_source(cfg.source, cfg.camera, realtime=realtime, loop=loop, start_index=start_index)
     try:
         detector = make_detector_from(cfg)
         classifier = make_classifier_from(cfg)

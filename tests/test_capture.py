@@ -218,3 +218,18 @@ def test_loop_and_realtime_are_said_to_be_ignored_where_they_do_nothing(tmp_path
     said = [r.getMessage() for r in caplog.records]
     assert f"--loop: for video files only; ignored for an image {smiling_photo}" in said
     assert "--realtime and --loop: for video files only; ignored for a live source /dev/video99" in said
+
+
+def test_a_video_can_start_at_a_frame_with_its_own_indexes_and_times(tmp_path):
+    video = write_video(tmp_path / "clip.avi", 30, fps=10.0)
+    source = VideoFileSource(str(video), start_index=12)
+    try:
+        frames = []
+        while (frame := source.read()) is not None:
+            frames.append(frame)
+    finally:
+        source.close()
+    assert [f.index for f in frames] == list(range(12, 30))
+    assert frames[0].timestamp == pytest.approx(1.2)
+    # The pixels are those of frame 12 (each frame of the clip has its own grey level).
+    assert int(frames[0].image[0, 0, 0]) == pytest.approx((12 * 8) % 256, abs=3)

@@ -20,8 +20,8 @@ from tests.test_end_to_end import still_video
 
 
 def start_agent(port: int, video: Path, config: Path | None = None, prefix: str = "life/agent",
-                extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    args = [sys.executable, "-m", "agent", "run", "--source", str(video), "--loop", "--realtime",
+                extra: tuple[str, ...] = ("--loop",)) -> subprocess.Popen:
+    args = [sys.executable, "-m", "agent", "run", "--source", str(video), "--realtime",
             "--mqtt-port", str(port), "--log-level", "info", *extra]
     if prefix:
         args += ["--topic-prefix", prefix]
@@ -86,7 +86,7 @@ def test_a_reload_that_keeps_the_broker_keeps_the_connection(broker, subscriber_
         if proc.poll() is None:
             proc.kill()
     assert code == 0, err
-    assert "configuration reloaded" in err
+    assert "configuration reloaded" in err and "goes on from frame" not in err  # --loop: it starts over
     availability = [p for t, p, _ in sub.all if t == "life/agent/availability"]
     assert availability == [b"online", b"offline"], "a reload on the same broker must not blink offline"
     assert err.count("connected to broker") == 1
@@ -202,7 +202,7 @@ def test_broker_restart_mid_run_loses_no_event(tmp_path, subscriber_factory, cli
     broker = Broker(tmp_path, persistent=True)
     broker.start()
     sub = subscriber_factory(broker.port, "life/agent/event/+", client_id="home-automation", clean_session=False)
-    proc = start_agent(broker.port, clip, extra=("--flush-timeout", "30"))
+    proc = start_agent(broker.port, clip, extra=("--loop", "--flush-timeout", "30"))
     try:
         sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
         broker.stop()
@@ -339,3 +339,25 @@ def test_a_reload_that_moves_the_topics_while_the_broker_is_down_still_empties_t
         if proc.poll() is None:
             proc.kill()
         broker.stop()
+
+
+def test_a_reload_during_a_file_run_goes_on_from_where_it_was(broker, subscriber_factory, tmp_path):
+    # Played from the start again, the video's events would all be published twice.
+    video = still_video(tmp_path / "clip.avi", seconds=6)  # 60 frames at 10 frames/s
+    config = tmp_path / "config.yaml"
+    config.write_text("smoothing:\n  dwell_s: 0.25\n")
+    sub = subscriber_factory(broker.port, "life/agent/#")
+    proc = start_agent(broker.port, video, config=config, extra=())  # no --loop: the run ends with the video
+    try:
+        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+        proc.send_signal(signal.SIGHUP)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "configuration reloaded" in err and "SIGHUP: the video goes on from frame" in err
+    sub.wait_for(lambda m: m[0] == "life/agent/availability" and m[1] == b"offline")
+    summaries = [json.loads(p) for t, p, _ in sub.all if t == "life/agent/summary"]
+    assert len(summaries) >= 2  # one closing each agent's run
+    assert sum(s["window"]["frames"] for s in summaries) == 60
