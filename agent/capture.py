@@ -455,6 +455,10 @@ def check_video_file(video: str, command: str) -> None:
     check_file_source(kind, target)
 
 
+# What make_source has said it ignores, and for which source.
+_SAID_IGNORED: set[tuple[str, ...]] = set()
+
+
 def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False,
                 start_index: int = 0) -> FrameSource:
     """The frame source for a --source string, configured from the camera section (`start_index`:
@@ -464,7 +468,8 @@ def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool 
         check_file_source(kind, target)
         return VideoFileSource(str(target), realtime=realtime, loop=loop, start_index=start_index)
     ignored = [flag for flag, given in (("--realtime", realtime), ("--loop", loop)) if given]
-    if ignored:  # said, so that nobody waits for a photo to loop
+    if ignored and (source, *ignored) not in _SAID_IGNORED:  # said once, not at every reload
+        _SAID_IGNORED.add((source, *ignored))
         logger.warning("%s: for video files only; ignored for %s %s", " and ".join(ignored),
                        "an image" if kind == "image" else "a live source", redact_url(str(target)))
     if kind == "image":

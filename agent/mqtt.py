@@ -94,8 +94,10 @@ class BrokerSettings:
 
 _paho_logger = logging.getLogger("agent.paho")
 # paho logs these as ERRORs on every retry, or as the link drops; the publisher says it in its
-# own warnings instead, once, and again only when the reason changes.
-_SAID_BY_THE_PUBLISHER = ("Client is not connected", "failed to receive on socket", "failed to send on socket")
+# own warnings instead, once, and again only when the reason changes. The socket errors are the
+# reason given for the disconnect that follows.
+_RETRY_NOISE = "Client is not connected"
+_SOCKET_ERRORS = ("failed to receive on socket: ", "failed to send on socket: ")
 
 
 SHORT_SESSION_S = 5.0
@@ -126,6 +128,7 @@ class MqttPublisher:
         self._connected_at = 0.0
         self._short_sessions = 0  # connections in a row that the broker dropped within seconds
         self._socket_error: str | None = None  # what the socket said as paho lost it
+        self._hanging_up = False  # close() is disconnecting on purpose
         self._refused = False  # the broker's CONNACK refused the connection now being closed
         self._client = self._make_client()
 
@@ -171,15 +174,17 @@ class MqttPublisher:
     # --- paho callbacks (network thread) -----------------------------------------------------
 
     def _handle_log(self, client, userdata, level, text: str) -> None:
-        if text.startswith(_SAID_BY_THE_PUBLISHER):
-            if ": " in text:  # the socket's error: the reason given for the disconnect that follows
-                self._socket_error = text.split(": ", 1)[1]
+        if text.startswith(_SOCKET_ERRORS):
+            self._socket_error = text.split(": ", 1)[1]
             return
-        if self._closing and level == paho.MQTT_LOG_ERR:
+        if text.startswith(_RETRY_NOISE):
+            return
+        if self._hanging_up and level == paho.MQTT_LOG_ERR:
             return  # paho 2.2 logs an ERROR from its loop once the socket is closed on purpose
         _paho_logger.log(paho.LOGGING_LEVEL[level], "%s", text)
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._socket_error = None
         if reason_code.is_failure:
             self._refused = True  # the broker hangs up next: this is the reason, already given
             if str(reason_code) != self.last_error:  # once, not at every retry for months
@@ -214,6 +219,7 @@ class MqttPublisher:
     def _handle_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError`: the exception at hand is the reason
         # (refused, unresolvable host, TLS verification failed), which paho logs only at DEBUG.
+        self._socket_error = None
         reason = sys.exc_info()[1]
         text = (str(reason).strip() or type(reason).__name__) if reason is not None else "connection failed"
         if text != self.last_error:
@@ -231,14 +237,21 @@ class MqttPublisher:
         refused, self._refused = self._refused, False
         if not was_connected and not refused and not self._closing:
             # Closed before its CONNACK: a TLS listener hangs up on a plain CONNECT, for one, and
-            # something that is no MQTT broker may never answer at all.
+            # something that is no MQTT broker may never answer at all. The hints only while these
+            # settings never worked: after that it is the broker (restarting, full) that refuses.
+            first = self.connects == 0
             if reason_code == KEEPALIVE_TIMEOUT:
-                text, hint = f"did not answer the connection within {self._s.keepalive_s} s", " (is this its MQTT port?)"
+                what, hint = f"did not answer the connection within {self._s.keepalive_s} s", "is this its MQTT port?"
             else:
-                text = f"closed the connection before accepting it ({why})"
-                hint = "" if self._s.tls else " (if it listens with TLS on this port, set mqtt.tls.enabled: true)"
+                what = "closed the connection before accepting it"
+                hint = "" if self._s.tls else "if it listens with TLS on this port, set mqtt.tls.enabled: true"
+            hint = f" ({hint})" if hint and first else ""
+            # The socket's reason is in the line, not in what is compared: a peer that hangs up can
+            # reset the connection one time and close it the next, and each retry would be a line.
+            text = what + hint
             if text != self.last_error:
-                logger.warning("broker %s:%d %s; retrying%s", self._s.host, self._s.port, text, hint)
+                logger.warning("broker %s:%d %s%s; retrying%s", self._s.host, self._s.port, what,
+                               "" if reason_code == KEEPALIVE_TIMEOUT else f": {why}", hint)
             self.last_error = text
         if was_connected and not self._closing:
             logger.warning("lost the broker connection (%s); reconnecting", why)
@@ -390,6 +403,7 @@ class MqttPublisher:
                 pass
         # Connected or not: it also ends a connection attempt waiting for its CONNACK, or a
         # wait between retries.
+        self._hanging_up = True
         self._client.disconnect()
         # paho's thread ends once it has written all it holds; a broker that stopped reading
         # keeps it alive until the keepalive runs out (30 s, past systemd's 10 s stop timeout).

@@ -362,3 +362,26 @@ def test_a_listener_that_never_answers_is_one_warning_that_says_so(caplog):
     said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
     assert said == [f"broker 127.0.0.1:{pub.settings.port} did not answer the "
                     "connection within 1 s; retrying (is this its MQTT port?)"]
+
+
+def test_a_lost_connection_is_reported_with_its_own_reason_not_an_earlier_retrys(tmp_path, caplog):
+    # paho's "Client is not connected ... Last known Connection State" from the retries before the
+    # first connection was taken for a socket error, and given as the reason of the next loss.
+    broker = Broker(tmp_path)
+    pub = make_publisher(broker.port)
+    with caplog.at_level(logging.INFO, logger="agent.mqtt"):
+        pub.start()
+        try:
+            time.sleep(2.5)  # a few refused tries before the broker is there
+            broker.start()
+            assert pub.wait_connected(10)
+            broker.stop()
+            deadline = time.monotonic() + 10
+            while pub.connected and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            pub.close(1)
+            broker.stop()
+    lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lost the broker connection")]
+    assert len(lost) == 1, caplog.text
+    assert "Connection State" not in lost[0] and "not connected" not in lost[0]

@@ -212,8 +212,11 @@ def test_a_plain_connection_to_the_tls_port_is_one_warning_that_says_so(secure_b
     assert pub.connects == 0
     said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
     assert len(said) == 1, said
-    assert said[0].startswith(f"broker 127.0.0.1:{secure_broker.port} closed the connection before accepting it (")
+    assert said[0].startswith(f"broker 127.0.0.1:{secure_broker.port} closed the connection before accepting it: ")
     assert said[0].endswith("; retrying (if it listens with TLS on this port, set mqtt.tls.enabled: true)")
+    assert "Client is not connected" not in said[0] and "Connection State" not in said[0]
+    assert pub.last_error == ("closed the connection before accepting it "
+                              "(if it listens with TLS on this port, set mqtt.tls.enabled: true)")  # the CLI's last line
     assert not [r for r in caplog.records if r.name == "agent.paho" and r.levelno >= logging.WARNING]
 
 
