@@ -99,9 +99,11 @@ def main() -> int:
         stop_status, stop_s = None, 0.0
         try:
             try:
-                sub.wait_for(lambda m: m[0] == f"{PREFIX}/state", timeout=120)
+                # Its first event, not its first state: an empty state goes out before any frame,
+                # while the pipeline's threads are still starting.
+                sub.wait_for(lambda m: m[0].startswith(f"{PREFIX}/event/"), timeout=120)
             except TimeoutError:
-                print(f"the agent processed no frame in 120 s:\n{agent_log.read_text()[-3000:]}")
+                print(f"the agent sent no event in 120 s:\n{agent_log.read_text()[-3000:]}")
                 return 1
             started = time.monotonic()
             next_sample = started
