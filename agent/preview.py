@@ -77,8 +77,9 @@ def x_display_problem(display: str | None) -> str | None:
     return None
 
 
-# Opens and closes a window, in a child process of its own: see window_problem.
-_WINDOW_PROBE = f"import cv2; cv2.namedWindow({WINDOW!r}); cv2.destroyAllWindows(); cv2.waitKey(1)"
+# Opens and closes a window (not named as the preview, which a test looks for), in a child
+# process of its own: see window_problem.
+_WINDOW_PROBE = "import cv2; cv2.namedWindow('display check'); cv2.destroyAllWindows(); cv2.waitKey(1)"
 
 
 def window_problem(timeout: float = 30.0) -> str | None:
