@@ -8,13 +8,13 @@ import logging
 import os
 import signal
 import sys
-import threading
 from typing import TYPE_CHECKING, Sequence
 
 from agent import __version__
 from agent.argtypes import port, positive_seconds
 from agent.config import Config, load_config, read_password
 from agent.errors import AgentError, ConfigError, SourceError
+from agent.signal_event import SignalSafeEvent
 
 if TYPE_CHECKING:  # paho and OpenCV load only when running
     from agent.mqtt import MqttPublisher
@@ -107,8 +107,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     previous_cfg: Config | None = None
     # Outside the loop: a SIGTERM or SIGHUP that comes while a reload builds the next agent (models
     # loading, the old broker flushing) is acted on, not forgotten with the agent it was sent to.
-    terminate = threading.Event()  # also ends the wait for the broker after a file run
-    reload_pending = threading.Event()
+    terminate = SignalSafeEvent()  # also ends the wait for the broker after a file run
+    reload_pending = SignalSafeEvent()
     record = RetainedRecord(record_path(os.environ.get("STATE_DIRECTORY"), args.config, args.topic_prefix))
     start_index = 0  # where a video file starts: after a reload, the frame the last agent reached
     while True:

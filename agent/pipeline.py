@@ -27,6 +27,7 @@ from agent.events import Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.mqtt import BrokerSettings, Message, MqttPublisher, Publisher
 from agent.notify import SystemdNotifier
+from agent.signal_event import SignalSafeEvent
 from agent.stats import StageTimes, Stopwatch
 from agent.topics import Topics
 from agent.types import Detection, FaceObservation
@@ -115,7 +116,7 @@ class Agent:
     clock: Callable[[], float] = time.time
     times: StageTimes = field(default_factory=StageTimes)
     on_frame: Callable[[], None] | None = None  # called after each processed frame (progress, limits)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=SignalSafeEvent)  # set from signal handlers
     _watch: Stopwatch = field(default_factory=Stopwatch)
     _last_detect: float | None = None
     _next_idle_stats: float = 0.0
