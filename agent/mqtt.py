@@ -235,25 +235,9 @@ class MqttPublisher:
         why = self._socket_error or str(reason_code)
         self._socket_error = None
         refused, self._refused = self._refused, False
-        if not was_connected and not refused and not self._closing:
-            # Closed before its CONNACK: a TLS listener hangs up on a plain CONNECT, for one, and
-            # something that is no MQTT broker may never answer at all. The hints only while these
-            # settings never worked: after that it is the broker (restarting, full) that refuses.
-            first = self.connects == 0
-            if reason_code == KEEPALIVE_TIMEOUT:
-                what, hint = f"did not answer the connection within {self._s.keepalive_s} s", "is this its MQTT port?"
-            else:
-                what = "closed the connection before accepting it"
-                hint = "" if self._s.tls else "if it listens with TLS on this port, set mqtt.tls.enabled: true"
-            hint = f" ({hint})" if hint and first else ""
-            # The socket's reason is in the line, not in what is compared: a peer that hangs up can
-            # reset the connection one time and close it the next, and each retry would be a line.
-            text = what + hint
-            if text != self.last_error:
-                logger.warning("broker %s:%d %s%s; retrying%s", self._s.host, self._s.port, what,
-                               "" if reason_code == KEEPALIVE_TIMEOUT else f": {why}", hint)
-            self.last_error = text
-        if was_connected and not self._closing:
+        if self._closing:
+            return
+        if was_connected:
             logger.warning("lost the broker connection (%s); reconnecting", why)
             # A broker drops a client when another connects with its id: two agents with one
             # client id take turns, each knocked off within a second, and nothing else says why.
@@ -262,6 +246,25 @@ class MqttPublisher:
             if self._short_sessions == 3:
                 logger.warning("the broker keeps dropping this connection as soon as it is made: is another "
                                "client using the client id %r? (set mqtt.client_id)", self._s.client_id)
+        elif not refused:  # a refusal was reported with its CONNACK
+            self._report_hang_up(reason_code, why)
+
+    def _report_hang_up(self, reason_code, why: str) -> None:
+        """The connection closed before its CONNACK: a TLS listener hangs up on a plain CONNECT, for
+        one, and something that is no MQTT broker may never answer at all. Said once, and again only
+        when what happens changes: not the socket's words, as a peer that hangs up can reset the
+        connection one time and close it the next. The hints only while these settings never
+        worked: after that it is the broker (restarting, full) that hangs up."""
+        if reason_code == KEEPALIVE_TIMEOUT:
+            what, reason = f"did not answer the connection within {self._s.keepalive_s} s", ""
+            hint = "is this its MQTT port?"
+        else:
+            what, reason = "closed the connection before accepting it", f": {why}"
+            hint = "" if self._s.tls else "if it listens with TLS on this port, set mqtt.tls.enabled: true"
+        hint = f" ({hint})" if hint and self.connects == 0 else ""
+        if what + hint != self.last_error:
+            logger.warning("broker %s:%d %s%s; retrying%s", self._s.host, self._s.port, what, reason, hint)
+        self.last_error = what + hint
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
@@ -300,8 +303,8 @@ class MqttPublisher:
     def _requeue_unsent_qos0(self) -> None:
         """QoS 0 messages paho had not finished writing when the link dropped: paho discards them
         on reconnect without a callback, so they go back to the front of the backlog, in order, to
-        be sent now that it is connected again (a retained one needs not: its topic's latest value
-        is re-sent anyway; an empty one is not). Left in `_unacked` they would never leave it. Called with the lock held."""
+        be sent now that it is connected again (a kept retained value needs not: it is re-sent
+        anyway). Left in `_unacked` they would never leave it. Called with the lock held."""
         unsent = [mid for mid, message in self._unacked.items() if message.qos == 0]
         if not unsent:
             return

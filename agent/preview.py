@@ -89,7 +89,9 @@ def window_problem(timeout: float = 30.0) -> str | None:
     cookie, as under sudo or a service), or Qt's platform plugin can fail to load; Qt then aborts
     the whole process. So a child tries first, and its dying words become the reason. A child that
     fails otherwise (a build without GUI support raises cv2.error) is left to the real attempt,
-    which says so itself."""
+    which says so itself. Only Linux has Qt on X11 to check."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         done = subprocess.run([sys.executable, "-c", _WINDOW_PROBE], capture_output=True, text=True,
                               errors="replace", timeout=timeout)
@@ -120,7 +122,7 @@ class Preview:
         if problem:
             raise PreviewError(f"--show needs a display: {problem}; run without --show or under a desktop "
                                "session")
-        problem = window_problem() if sys.platform.startswith("linux") else None
+        problem = window_problem()
         if problem:
             raise PreviewError(f"--show cannot open a window on DISPLAY={os.environ.get('DISPLAY')}: {problem} "
                                "(is XAUTHORITY right for this user?)")

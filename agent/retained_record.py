@@ -79,12 +79,13 @@ class RetainedRecord:
         `settled`."""
         if self._path is None:
             return set()
-        previous = self._load()
         stale = set()
-        if previous is not None and previous[:2] == (socket.gethostname(), broker):
-            stale = previous[2] - topics
-        elif previous is not None and previous[0] != socket.gethostname():
-            logger.info("%s was written on host %s: its topics are left alone", self._path, previous[0])
+        if (previous := self._load()) is not None:
+            written_on, written_for, recorded = previous
+            if written_on != socket.gethostname():
+                logger.info("%s was written on host %s: its topics are left alone", self._path, written_on)
+            elif written_for == broker:
+                stale = recorded - topics
         self._broker, self._current = broker, set(topics)
         self._save(broker, topics | stale)
         return stale

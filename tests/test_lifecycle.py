@@ -269,6 +269,19 @@ def test_home_assistant_birth_gets_discovery_again(broker, subscriber_factory, c
             proc.kill()
 
 
+def retained_once_in(port: int, subscriber_factory, config: Path) -> dict[str, bytes]:
+    """Every value retained under first/, second/ and homeassistant/, once all of `config`'s retained
+    topics are in: mosquitto sends all it retains for a subscription at once, so whatever an earlier
+    run left is in by then too."""
+    from agent.config import load_config
+    from agent.pipeline import retained_topics
+
+    retained = subscriber_factory(port, ["homeassistant/#", "first/#", "second/#"])
+    for topic in retained_topics(load_config(str(config))):
+        retained.wait_for(lambda m: m[0] == topic and m[2])
+    return {t: p for t, p, is_retained in retained.all if is_retained and p}
+
+
 def test_a_restart_with_other_topics_empties_what_the_last_run_left_retained(broker, subscriber_factory, clip,
                                                                             tmp_path):
     # A reload knows the old topics; a restart only through the record in the state directory.
@@ -286,15 +299,7 @@ def test_a_restart_with_other_topics_empties_what_the_last_run_left_retained(bro
     assert first.returncode == 0, first.stderr
     second = run_with_prefix("second/agent")
     assert second.returncode == 0, second.stderr
-    retained = subscriber_factory(broker.port, ["homeassistant/#", "first/#", "second/#"])
-    # mosquitto sends all it retains for a subscription at once: with the second run's all here,
-    # whatever the first left would be too.
-    from agent.config import load_config
-    from agent.pipeline import retained_topics
-
-    for topic in retained_topics(load_config(str(config))):
-        retained.wait_for(lambda m: m[0] == topic and m[2])
-    kept = {t: p for t, p, is_retained in retained.all if is_retained and p}
+    kept = retained_once_in(broker.port, subscriber_factory, config)
     assert not [t for t, p in kept.items() if t.startswith("first/agent/") and t != "first/agent/availability"]
     assert not [t for t, p in kept.items() if t.startswith("homeassistant/") and b"first/agent" in p]
     assert [t for t, p in kept.items() if t.startswith("homeassistant/") and b"second/agent" in p]
@@ -326,13 +331,7 @@ def test_a_reload_that_moves_the_topics_while_the_broker_is_down_still_empties_t
         subscriber_factory(broker.port, "second/#").wait_for(lambda m: m[0] == "second/agent/state", timeout=60)
         code, _, err = stop(proc)
         assert code == 0, err
-        retained = subscriber_factory(broker.port, ["homeassistant/#", "first/#", "second/#"])
-        from agent.config import load_config
-        from agent.pipeline import retained_topics
-
-        for topic in retained_topics(load_config(str(config))):
-            retained.wait_for(lambda m: m[0] == topic and m[2])
-        kept = {t: p for t, p, is_retained in retained.all if is_retained and p}
+        kept = retained_once_in(broker.port, subscriber_factory, config)
         assert not [t for t in kept if t.startswith("first/agent/") and t != "first/agent/availability"]
         assert not [t for t, p in kept.items() if t.startswith("homeassistant/") and b"first/agent" in p]
     finally:
