@@ -88,6 +88,25 @@ def test_ctrl_c_during_the_runtime_import_is_not_taken_for_a_missing_runtime():
     assert _not_installed(ImportError("No module named 'tflite_runtime'")) is None
 
 
+def _commands() -> list[list[str]]:
+    """`python -m agent`, and the installed `emotion-agent` script where this environment has one."""
+    script = Path(sys.executable).with_name("emotion-agent")
+    return [[sys.executable, "-m", "agent"]] + ([[str(script)]] if script.exists() else [])
+
+
+@pytest.mark.parametrize("command", _commands(), ids=lambda c: Path(c[-1]).name)
+def test_ctrl_c_while_the_command_starts_is_exit_130_without_a_traceback(tmp_path, command):
+    # The first tenth of a second imports argparse, logging and PyYAML. A Ctrl-C then used to
+    # print a traceback: the console script imported agent.cli before main's handlers ran.
+    # Here a yaml module that interrupts its own import stands in for a quick finger.
+    (tmp_path / "yaml.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    result = subprocess.run([*command, "check-config", str(REPO / "config.yaml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, timeout=120, cwd=tmp_path)
+    assert "Traceback" not in result.stderr.decode(), result.stderr.decode()
+    assert result.returncode == 130
+
+
 def test_eval_reads_a_face_whose_file_name_is_not_utf8(tmp_path):
     # cv2.imread segfaulted on the name; the bytes are now read by Python and decoded by OpenCV.
     import cv2
