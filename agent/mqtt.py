@@ -2,7 +2,9 @@
 
 - Connected means a successful CONNACK, nothing less.
 - On every (re)connect: availability `online`, then every retained message (state, stats,
-  discovery) as last published, then the messages queued during the outage, in order.
+  discovery) as last published, then the messages queued during the outage, in order. An older
+  retained value that was in flight at the disconnect, which paho re-sends after these, is
+  followed by the latest once the broker has it, so the broker never ends on a stale value.
 - While disconnected, messages wait in a bounded queue (QoS>0: paho's own ordered queue, which
   also re-sends what was in flight when the link dropped); when it is full, further messages are
   dropped and counted. Retained messages are not queued: only their latest value matters and it
@@ -122,6 +124,7 @@ class MqttPublisher:
         self._retained: dict[str, Message] = {}
         self._unacked: dict[int, Message] = {}
         self._early_acks: set[int] = set()
+        self._replayed: set[int] = set()  # retained values in flight at the last disconnect
         self.dropped = 0
         self.connects = 0
         self.last_error: str | None = None
@@ -197,6 +200,10 @@ class MqttPublisher:
             # Here, not at the disconnect: paho drops the unsent QoS 0 packets when it reconnects,
             # and a message handed to it as the link went down is among them too.
             self._requeue_unsent_qos0()
+            # paho re-sends what was in flight at the disconnect, after this callback, so after
+            # the latest retained values it sends here: an older value in flight would then be the
+            # one the broker keeps. Each is answered with its topic's latest once acknowledged.
+            self._replayed = {mid for mid, message in self._unacked.items() if message.kept_retained}
             self._connected = True
             self.connects += 1
             self._connected_at = time.monotonic()
@@ -268,9 +275,30 @@ class MqttPublisher:
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
-            if self._unacked.pop(mid, None) is None:
+            message = self._unacked.get(mid)
+            if message is None:
                 self._early_acks.add(mid)  # acknowledged before _send recorded it
+                self._idle.notify_all()
+                return
+            latest = self._latest_after_replay(mid, message)
+        if latest is not None:
+            # Before the replayed value counts as delivered, so that a flush waits for this one too.
+            # paho's lock is reentrant: publishing from its callback is safe.
+            self._send(latest)
+        with self._lock:
+            self._unacked.pop(mid, None)
             self._idle.notify_all()
+
+    def _latest_after_replay(self, mid: int, message: Message) -> Message | None:
+        """The value to send after the broker acknowledged `message`, when that was an older
+        retained value paho re-sent after the latest (see _handle_connect). Lock held."""
+        if mid not in self._replayed:
+            return None
+        self._replayed.discard(mid)
+        latest = self._retained.get(message.topic)
+        if latest is None or latest == message or not self._connected:
+            return None  # no newer value, or it is re-sent at the next connect anyway
+        return latest
 
     def _handle_message(self, client, userdata, message) -> None:
         for pattern, callback in self._subscriptions.items():

@@ -246,6 +246,38 @@ def test_qos0_messages_cut_off_by_a_broker_crash_are_sent_after_the_reconnect(tm
         broker.stop()
 
 
+def test_a_retained_value_in_flight_when_the_link_drops_does_not_outlive_a_newer_one(tmp_path, subscriber_factory):
+    # paho re-sends what was in flight at the disconnect after the connect callback, which sends
+    # the latest retained values: the broker ended on the older state, and Home Assistant showed it.
+    broker = Broker(tmp_path)
+    broker.start()
+    pub = make_publisher(broker.port, client_id="agent-replay")
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        pub.publish(Message("test/state", "S0", retain=True))
+        assert pub.flush(5)
+        os.kill(broker.process.pid, signal.SIGSTOP)  # S1 goes out and is never acknowledged
+        pub.publish(Message("test/state", "S1", retain=True))
+        time.sleep(0.3)
+        os.kill(broker.process.pid, signal.SIGKILL)
+        broker.process.wait()
+        deadline = time.monotonic() + 5
+        while pub.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pub.connected
+        pub.publish(Message("test/state", "S2", retain=True))  # the newest, during the outage
+        broker.start()
+        assert pub.wait_connected(10)
+        assert pub.flush(10)
+        sub = subscriber_factory(broker.port, "test/state")
+        topic, payload, retained = sub.wait_for(is_msg("test/state"), timeout=5)
+        assert (payload, retained) == (b"S2", True)
+    finally:
+        pub.close(1)
+        broker.stop()
+
+
 def test_two_agents_with_one_client_id_are_told_so(broker, caplog):
     # The broker drops a client when another connects with its id: they take turns forever, and
     # "lost the broker connection" alone does not say why.
