@@ -227,8 +227,11 @@ def _same_connection(old: Config, new: Config, publisher: MqttPublisher) -> bool
         return False
     try:
         password = read_password(new.mqtt) if new.mqtt.username else None
-    except ConfigError:
-        return False
+    except ConfigError as exc:
+        # The connection logged in with the password read before. Closed now, the next one could
+        # not log in, nor could the old config start again: the daemon would exit for good.
+        logger.warning("SIGHUP: %s; the broker connection keeps the password it has", exc)
+        return True
     return password == publisher.settings.password
 
 

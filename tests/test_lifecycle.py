@@ -126,6 +126,34 @@ def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
     assert "second/agent/state" in left
 
 
+def test_a_reload_while_the_password_file_is_missing_keeps_the_daemon_and_its_connection(
+        broker, subscriber_factory, clip, tmp_path):
+    # The password file moved away (a rotation half done): the reload was rejected, but the old
+    # connection was closed all the same and the old config could not log in again: exit 2, and
+    # systemd, told not to restart on 2, left the service down.
+    password = tmp_path / "mqtt_password"
+    password.write_text("secret\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"mqtt:\n  username: agent\n  password_file: {password}\n")
+    sub = subscriber_factory(broker.port, "life/agent/#")
+    proc = start_agent(broker.port, clip, config=config)
+    try:
+        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared", timeout=60)
+        password.rename(tmp_path / "mqtt_password.moved")
+        before = len(sub.all)
+        proc.send_signal(signal.SIGHUP)
+        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
+        assert proc.poll() is None
+        code, _, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, err
+    assert "new configuration rejected" in err and "keeps the password it has" in err
+    availability = [p for t, p, _ in sub.all if t == "life/agent/availability"]
+    assert availability == [b"online", b"offline"]
+
+
 def test_a_sigterm_during_a_reload_is_not_forgotten(broker, subscriber_factory, clip, tmp_path):
     # systemd's stop can follow a reload at once; it used to stop the agent being replaced, and the
     # next one ran on until systemd's SIGKILL.
