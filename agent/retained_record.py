@@ -36,6 +36,15 @@ def record_path(state_directory: str | None, config_path: str | None, topic_pref
     return Path(first) / f"retained-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.json"
 
 
+def _publishable(topic: str) -> bool:
+    """Whether MQTT allows a PUBLISH to `topic`: not empty, no wildcard, no NUL, within 65535 bytes."""
+    try:
+        encoded = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return 0 < len(encoded) <= 65535 and not any(c in topic for c in "+#\0")
+
+
 class RetainedRecord:
     """The record file at `path` (None: remembers nothing). Problems with the file are warnings:
     the agent runs on without it."""
@@ -53,7 +62,13 @@ class RetainedRecord:
             if not (isinstance(host, str) and isinstance(broker, str) and isinstance(topics, list)
                     and all(isinstance(t, str) for t in topics)):
                 raise ValueError("unexpected contents")
-            return host, broker, set(topics)
+            # A topic no publish can take (edited by hand, or a damaged file) is skipped: handed
+            # on, it failed every start, as the record keeps what it hands out.
+            usable = {t for t in topics if _publishable(t)}
+            if len(usable) < len(topics):
+                logger.warning("%s: skipping %d topic(s) that cannot be published to", self._path,
+                               len(topics) - len(usable))
+            return host, broker, usable
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:

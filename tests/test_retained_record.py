@@ -74,3 +74,15 @@ def test_an_unwritable_state_directory_is_one_warning_and_no_failure(tmp_path, c
         record.settled()
         record.begin(BROKER, {"b"})
     assert caplog.text.count("cannot save the record of retained topics") == 1
+
+
+def test_topics_no_publish_can_take_are_skipped_not_handed_on(tmp_path, caplog):
+    # A hand-edited or damaged record once named `x/#`: publishing its empty message raised, at
+    # every start, since the record keeps what it hands out.
+    path = record_path(str(tmp_path), "config.yaml")
+    bad = ["x/#", "a/+/state", "", "nul\0topic", "t" * 65536]
+    path.write_text(json.dumps({"host": socket.gethostname(), "broker": BROKER, "topics": ["a/state", *bad]}))
+    with caplog.at_level(logging.WARNING):
+        assert RetainedRecord(path).begin(BROKER, {"b/state"}) == {"a/state"}
+    assert "skipping 5 topic(s) that cannot be published to" in caplog.text
+    assert set(json.loads(path.read_text())["topics"]) == {"a/state", "b/state"}
