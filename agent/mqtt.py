@@ -58,6 +58,14 @@ class Publisher(Protocol):
     def close(self, timeout: float = 5.0) -> None: ...
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_passphrase() -> str:
+    raise _EncryptedKey
+
+
 def check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
     """Load the TLS files as a connection would, naming the one at fault (BrokerError)."""
     context = ssl.create_default_context()
@@ -68,7 +76,13 @@ def check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | 
             raise BrokerError(f"mqtt.tls.ca_file: not a PEM CA certificate: {ca_file} ({exc})") from None
     if cert_file:
         try:
-            context.load_cert_chain(cert_file, key_file)
+            # OpenSSL asks for an encrypted key's passphrase on the terminal, or reads stdin: a
+            # service must fail instead, and say why.
+            context.load_cert_chain(cert_file, key_file, password=_refuse_passphrase)
+        except _EncryptedKey:
+            raise BrokerError(f"mqtt.tls.key_file: the private key is encrypted with a passphrase, which a "
+                              f"service cannot type: decrypt it (openssl pkey -in KEY -out PLAIN): "
+                              f"{key_file or cert_file}") from None
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise BrokerError(f"mqtt.tls.cert_file/key_file: not a PEM certificate and its private key: "
                               f"{cert_file}, {key_file} ({exc})") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import BrokerSettings, Message, MqttPublisher
-from tests.conftest import Broker, Subscriber, free_port
+from tests.conftest import ROOT, Broker, Subscriber, free_port
 
 PREFIX = "test/agent"
 ALLOWED_ROOTS = (f"{PREFIX}/", "homeassistant/")
@@ -384,6 +384,23 @@ def test_no_payload_carries_image_data_or_the_password(cli_run):
         assert b"\xff\xd8\xff" not in payload and b"\x89PNG\r\n" not in payload, f"an image inside {topic}"
         assert not BASE64_BLOB.search(payload), f"a base64 blob (an image?) on {topic}"
         assert AGENT_PASSWORD.encode() not in payload, f"the password on {topic}"
+
+
+def test_an_encrypted_client_key_is_one_line_not_a_passphrase_prompt(tmp_path):
+    # OpenSSL asked for the passphrase: on a terminal check-config waited for it, under a service
+    # it printed its prompts and then a misleading "not a PEM certificate" error.
+    openssl(tmp_path, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-days", "2",
+            "-subj", "/CN=client", "-keyout", "client.key", "-out", "client.pem", "-passout", "pass:xyz")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"mqtt:\n  tls:\n    enabled: true\n    cert_file: {tmp_path / 'client.pem'}\n"
+                      f"    key_file: {tmp_path / 'client.key'}\n")
+    done = subprocess.run([sys.executable, "-m", "agent", "check-config", str(config)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, start_new_session=True)
+    assert done.returncode != 0
+    assert "pass phrase" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"emotion-agent: error: mqtt.tls.key_file: the private key is encrypted with a passphrase, which a service "
+        f"cannot type: decrypt it (openssl pkey -in KEY -out PLAIN): {tmp_path / 'client.key'}"]
 
 
 def test_the_agent_with_a_wrong_password_exits_non_zero_with_one_line(secure_broker, pki, tmp_path, smiling_photo):
