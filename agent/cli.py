@@ -225,6 +225,19 @@ def _same_connection(old: Config, new: Config, publisher: MqttPublisher) -> bool
     """Whether a reload can keep the publisher: the same mqtt section and the same password."""
     if new.mqtt != old.mqtt:
         return False
+    if new.mqtt.tls.enabled:
+        from agent.mqtt import tls_files_digest
+
+        t = new.mqtt.tls
+        try:
+            changed = tls_files_digest(t.ca_file, t.cert_file, t.key_file) != publisher.tls_digest
+        except OSError as exc:  # as for the password below: keep what works
+            logger.warning("SIGHUP: cannot read the TLS files (%s); the broker connection keeps those it has",
+                           exc.strerror or exc)
+            changed = False
+        if changed:
+            logger.info("SIGHUP: the TLS files changed: connecting again with them")
+            return False
     try:
         password = read_password(new.mqtt) if new.mqtt.username else None
     except ConfigError as exc:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import socket
 import ssl
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import paho.mqtt.client as paho
@@ -56,6 +58,16 @@ class Publisher(Protocol):
     def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool: ...
 
     def close(self, timeout: float = 5.0) -> None: ...
+
+
+def tls_files_digest(ca_file: str | None, cert_file: str | None, key_file: str | None) -> str:
+    """A digest of the TLS files' contents: a reload compares it, as files are renewed in place
+    (certbot, a CA rotated) and the same paths in the config would keep the old connection."""
+    digest = hashlib.sha256()
+    for name in (ca_file, cert_file, key_file):
+        digest.update(Path(name).read_bytes() if name else b"")
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 class _EncryptedKey(Exception):
@@ -147,7 +159,9 @@ class MqttPublisher:
         self._socket_error: str | None = None  # what the socket said as paho lost it
         self._hanging_up = False  # close() is disconnecting on purpose
         self._refused = False  # the broker's CONNACK refused the connection now being closed
-        self._client = self._make_client()
+        self._client = self._make_client()  # checks the TLS files first
+        self.tls_digest = tls_files_digest(settings.ca_file, settings.cert_file, settings.key_file) \
+            if settings.tls else None
 
     # --- setup -------------------------------------------------------------------------------
 

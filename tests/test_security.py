@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,8 +83,9 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
-def tls_broker(workdir: Path, pki: Path, server: str = "server", client_certs: bool = False) -> Broker:
-    port = free_port()
+def tls_broker(workdir: Path, pki: Path, server: str = "server", client_certs: bool = False,
+               port: int | None = None) -> Broker:
+    port = port or free_port()
     body = (f"listener {port} 127.0.0.1\n"
             f"cafile {pki}/ca.pem\ncertfile {pki}/{server}.pem\nkeyfile {pki}/{server}.key\n"
             f"require_certificate {'true' if client_certs else 'false'}\n"
@@ -401,6 +403,51 @@ def test_an_encrypted_client_key_is_one_line_not_a_passphrase_prompt(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"emotion-agent: error: mqtt.tls.key_file: the private key is encrypted with a passphrase, which a service "
         f"cannot type: decrypt it (openssl pkey -in KEY -out PLAIN): {tmp_path / 'client.key'}"]
+
+
+def test_a_reload_after_the_ca_file_was_renewed_in_place_connects_with_the_new_one(pki, tmp_path):
+    # The same path in the config, new contents: the reload kept the connection and its old TLS
+    # context, and once the broker served the new CA's certificate the agent never got back in.
+    from tests.test_end_to_end import still_video
+
+    ca_file = tmp_path / "agent-ca.pem"
+    shutil.copy(pki / "ca.pem", ca_file)
+    secret = tmp_path / "mqtt_password"
+    secret.write_text(AGENT_PASSWORD + "\n")
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = tls_broker(tmp_path / "first", pki)
+    config = write_config(tmp_path / "config.yaml", first.port, pki, password_file=secret)
+    config.write_text(config.read_text().replace(str(pki / "ca.pem"), str(ca_file)))
+    clip = still_video(tmp_path / "clip.avi", seconds=4)
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), "--source", str(clip),
+                             "--loop", "--realtime"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    second = None
+    try:
+        sub = reader(first.port, pki, f"{PREFIX}/#")
+        sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=60)
+        sub.stop()
+        shutil.copy(pki / "other-ca.pem", ca_file)  # renewed: the broker's next certificate is the other CA's
+        proc.send_signal(signal.SIGHUP)
+        first.stop()
+        second = tls_broker(tmp_path / "second", pki, server="rogue-server", port=first.port)
+        later = Subscriber(second.port, f"{PREFIX}/#")
+        later.client.tls_set(ca_certs=str(pki / "other-ca.pem"))
+        later.client.username_pw_set(READER_USER, READER_PASSWORD)
+        later.start()
+        later.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=30)
+        later.stop()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGHUP: the TLS files changed: connecting again with them" in err
 
 
 def test_the_agent_with_a_wrong_password_exits_non_zero_with_one_line(secure_broker, pki, tmp_path, smiling_photo):
