@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from agent import __version__
 from agent.argtypes import port, positive_seconds
-from agent.config import Config, load_config, read_password
+from agent.config import Config, load_config, read_password, redact_url
 from agent.errors import AgentError, ConfigError, SourceError
 from agent.signal_event import SignalSafeEvent
 
@@ -91,7 +91,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     make_detector_from(cfg)
     make_classifier_from(cfg)
     waiting = " (not present now: run waits for it)" if camera_device_missing(kind, target) else ""
-    print(f"{args.file}: OK (source {cfg.source}: {kind}{waiting}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+    print(f"{args.file}: OK (source {redact_url(cfg.source)}: {kind}{waiting}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
           f"detector {cfg.detector.kind})")
     return 0
 

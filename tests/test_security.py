@@ -488,3 +488,13 @@ def test_a_password_in_the_environment_without_a_user_name_is_not_silently_dropp
     assert publisher.settings.password is None
     assert any("mqtt.username is not" in r.getMessage() for r in caplog.records)
     assert not any("s3cret" in r.getMessage() for r in caplog.records)
+
+
+def test_check_config_keeps_a_camera_password_out_of_its_ok_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("source: rtsp://admin:hunter2@127.0.0.1:8554/live\n")
+    done = subprocess.run([sys.executable, "-m", "agent", "check-config", str(config)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "OK (source rtsp://admin:***@127.0.0.1:8554/live: stream" in done.stdout
+    assert "hunter2" not in done.stdout + done.stderr
