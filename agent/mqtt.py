@@ -257,6 +257,12 @@ class MqttPublisher:
         self._socket_error = None
         reason = sys.exc_info()[1]
         text = (str(reason).strip() or type(reason).__name__) if reason is not None else "connection failed"
+        # A plain MQTT listener resets a TLS handshake, or answers it with what TLS cannot read.
+        # Only while these settings never worked: after that it is the broker that hangs up.
+        plain_port = isinstance(reason, (ConnectionResetError, ssl.SSLError)) \
+            and not isinstance(reason, ssl.SSLCertVerificationError)
+        if self._s.tls and plain_port and self.connects == 0:
+            text += " (if this port takes plain MQTT, set mqtt.tls.enabled: false or use the broker's TLS port)"
         if text != self.last_error:
             logger.warning("cannot connect to broker %s:%d: %s; retrying", self._s.host, self._s.port, text)
         self.last_error = text

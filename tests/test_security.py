@@ -222,6 +222,19 @@ def test_a_plain_connection_to_the_tls_port_is_one_warning_that_says_so(secure_b
     assert not [r for r in caplog.records if r.name == "agent.paho" and r.levelno >= logging.WARNING]
 
 
+def test_tls_to_a_plain_port_is_one_warning_with_a_hint(broker, pki, publishers, caplog):
+    # The plain listener resets the TLS handshake: "Connection reset by peer", and nothing said why.
+    caplog.set_level("INFO")
+    pub = publishers(agent_settings(broker.port, pki))
+    assert wait_until(lambda: pub.last_error is not None, 10)
+    time.sleep(2.5)  # two more tries, a second apart
+    said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"cannot connect to broker 127.0.0.1:{broker.port}: ")
+    assert said[0].endswith("(if this port takes plain MQTT, set mqtt.tls.enabled: false or use the broker's TLS "
+                            "port); retrying")
+
+
 def test_a_broker_certificate_signed_by_another_ca_is_refused_even_with_tls_insecure(broker_dir, pki, publishers):
     broker = tls_broker(broker_dir, pki, server="rogue-server")
     try:
