@@ -279,11 +279,14 @@ class MqttPublisher:
         if self._closing:
             return
         if was_connected:
-            logger.warning("lost the broker connection (%s); reconnecting", why)
             # A broker drops a client when another connects with its id: two agents with one
             # client id take turns, each knocked off within a second, and nothing else says why.
             lasted = time.monotonic() - self._connected_at
             self._short_sessions = self._short_sessions + 1 if lasted < SHORT_SESSION_S else 0
+            # Once the hint below is given, the rest of such a run of drops is not a warning each:
+            # at one a second it would be most of the journal.
+            level = logging.DEBUG if self._short_sessions > 3 else logging.WARNING
+            logger.log(level, "lost the broker connection (%s); reconnecting", why)
             if self._short_sessions == 3:
                 logger.warning("the broker keeps dropping this connection as soon as it is made: is another "
                                "client using the client id %r? (set mqtt.client_id)", self._s.client_id)
