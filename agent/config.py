@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
-from agent.model_files import resolve_model_path
+from agent.model_files import default_model_path, resolve_model_path
 
 PASSWORD_ENV = "EMOTION_AGENT_MQTT_PASSWORD"
 
@@ -194,6 +194,7 @@ class _Lines:
         self.origin = origin
         self.lines: dict[str, int] = {}
         self.duplicates: list[tuple[str, int, int]] = []  # (path, line, line of the first one)
+        self.sexagesimal: list[tuple[str, int, str]] = []  # (path, line, the number as written)
         if text:
             try:
                 self._walk(yaml.compose(text), "")
@@ -208,6 +209,10 @@ class _Lines:
                     self.duplicates.append((path, key.start_mark.line + 1, self.lines[path]))
                     continue
                 self.lines[path] = key.start_mark.line + 1
+                # YAML 1.1 reads a plain 1:30 as base 60 (90): `source: 1:30` would open camera 90.
+                if isinstance(value, yaml.ScalarNode) and value.style is None and ":" in value.value \
+                        and value.tag.endswith((":int", ":float")):
+                    self.sexagesimal.append((path, value.start_mark.line + 1, value.value))
                 self._walk(value, path)
 
     def where(self, path: str) -> str:
@@ -235,7 +240,8 @@ def _check_text(value: str, path: str, lines: _Lines) -> None:
         _fail(lines, path, f"not valid UTF-8 text (a file name in another encoding? rename it): {_shown(value)}")
     control = _CONTROL.search(value)
     if control:
-        _fail(lines, path, f"contains a control character (U+{ord(control.group()):04X}): {_shown(value)}")
+        shown = redact_url(value) if path == "source" else value  # a stream's password stays out of the journal
+        _fail(lines, path, f"contains a control character (U+{ord(control.group()):04X}): {_shown(shown)}")
 
 
 def _fail(lines: _Lines, path: str, message: str) -> typing.NoReturn:
@@ -279,6 +285,11 @@ def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, line
         if not isinstance(value, str):
             _fail(lines, path, f"expected a string, got {_shown(value)}")
         _check_text(value, path, lines)
+        if path == "mqtt.username" and not value.strip():
+            # What a template leaves for "no user" (`username: ""`). Kept, it was sent as an empty
+            # user name with no password, even with a password_file: refused by any broker that
+            # needs a login, and nothing said why.
+            return None
     low, high, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if choices is not None and value not in choices:
         _fail(lines, path, f"expected one of {', '.join(choices)}, got {_shown(value)}")
@@ -394,13 +405,40 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
         _fail(lines, "mqtt.tls.insecure", "set, but tls.enabled is false")
     if m.password_file is not None:
         if m.username is None:
-            _fail(lines, "mqtt.password_file", "set, but mqtt.username is not: the password would never be sent")
+            _fail(lines, "mqtt.password_file", "set, but mqtt.username is not (an empty one counts as none): "
+                  "the password would never be sent")
         if not read_password(m):
             _fail(lines, "mqtt.password_file", f"the file is empty: {m.password_file}")
     if cfg.detector.kind == "haar" and cfg.detector.model is not None:
         _fail(lines, "detector.model", "applies to blazeface only; the haar detector uses OpenCV's own cascade")
     if not cfg.source.strip():
         _fail(lines, "source", "must not be empty")
+    _check_stream_url(cfg.source.strip(), lines)
+
+
+# The schemes capture.classify_source takes for a stream (its STREAM_SCHEMES); config cannot import
+# capture, which loads OpenCV.
+_STREAM_URL = re.compile(r"(rtsps?|https?|udp|tcp|rtmp)://", re.IGNORECASE)
+
+
+def _check_stream_url(source: str, lines: _Lines) -> None:
+    """A stream URL without a host, or with a port that is none, would be reopened forever."""
+    if not _STREAM_URL.match(source):
+        return
+    shown = _shown(redact_url(source))
+    try:
+        parts = urllib.parse.urlsplit(source)
+    except ValueError as exc:  # an unclosed or invalid [IPv6] literal
+        _fail(lines, "source", f"not a valid stream URL ({exc}): {shown}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        port = 0
+    if port == 0:
+        _fail(lines, "source", f"the stream URL's port must be a number from 1 to 65535: {shown}")
+    # udp://@:1234 (no host, a port) receives on every interface; anything else needs a host.
+    if not parts.hostname and not (parts.scheme == "udp" and port):
+        _fail(lines, "source", f"the stream URL has no host: {shown}")
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
@@ -413,6 +451,39 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
             node[key] = child
         node = child
     node[keys[-1]] = value
+
+
+# Settings that name a file. A relative one in a config file is taken from the file's folder, as
+# nginx and mosquitto do: the service runs in /var/lib/emotion-agent with its config in
+# /etc/emotion-agent, and check-config, run from anywhere, must find what the service finds.
+_FILE_SETTINGS = ("source", "detector.model", "classifier.model", "mqtt.password_file", "mqtt.tls.ca_file",
+                  "mqtt.tls.cert_file", "mqtt.tls.key_file")
+
+
+def _relative_to_config(data: dict, folder: Path) -> None:
+    """The file settings of a config file's `data`, relative ones made relative to `folder`."""
+    for dotted in _FILE_SETTINGS:
+        *sections, key = dotted.split(".")
+        node: Any = data
+        for name in sections:
+            node = node.get(name) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value.strip() or value.startswith("~") or Path(value).is_absolute():
+            continue  # not a relative file name; the validation says what is wrong with a non-text
+        if dotted == "source":
+            value = value.strip()  # as capture.classify_source reads it
+            if value.isdigit() or "://" in value:  # a camera index or a URL
+                continue
+        path = folder / value
+        if dotted.endswith(".model") and Path(value).name == value:
+            # A bare name that is no file there means the bundled model (resolve_model_path's
+            # order, with the config's folder for the working one).
+            try:
+                if not path.exists() and default_model_path(value).is_file():
+                    path = default_model_path(value)
+            except ValueError:  # a NUL or a stray surrogate in the name: the validation says so
+                pass
+        node[key] = str(path)
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -479,6 +550,8 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    if path is not None:  # before the overrides: a --source on the command line is the working folder's
+        _relative_to_config(data, Path(path).absolute().parent)
     for dotted, value in (overrides or {}).items():
         _set_path(data, dotted, value)  # None too: `--set classifier.model=null` means the bundled default
     lines = _Lines(text, origin)
@@ -486,6 +559,10 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         # YAML would silently keep the last one: a typo'd copy of a section must not win unseen.
         path, line, first = lines.duplicates[0]
         raise ConfigError(f"{origin}:{line}: {path}: set twice (first on line {first}); keep one")
+    if lines.sexagesimal:
+        path, line, number = lines.sexagesimal[0]
+        raise ConfigError(f"{origin}:{line}: {path}: {number} is a base-60 number in YAML "
+                          f"(= {yaml.safe_load(number)}); write the number you mean, or quote it ('{number}')")
     cfg = _build(Config, data, "", lines)
     _check_rules(cfg, lines)
     return cfg

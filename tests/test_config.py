@@ -32,10 +32,14 @@ def test_a_bundled_model_can_be_named_without_its_folder(tmp_path, monkeypatch):
     from agent.model_files import default_model_path, resolve_model_path
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(write(tmp_path, "detector:\n  model: face_detection_full_range_int8.tflite\n"))
-    assert resolve_model_path(cfg.detector.model) == default_model_path("face_detection_full_range_int8.tflite")
-    # a file of that name in the working folder comes first: the bare name then means it
+    path = write(tmp_path, "detector:\n  model: face_detection_full_range_int8.tflite\n")
+    assert resolve_model_path(load_config(path).detector.model) == default_model_path(
+        "face_detection_full_range_int8.tflite")
+    # a file of that name beside the config (or, given on the command line, in the working folder)
+    # comes first: the bare name then means it
     Path("face_detection_full_range_int8.tflite").write_bytes(b"x")
+    assert resolve_model_path(load_config(path).detector.model) == tmp_path / "face_detection_full_range_int8.tflite"
+    cfg = load_config(None, {"detector.model": "face_detection_full_range_int8.tflite"})
     assert resolve_model_path(cfg.detector.model) == Path("face_detection_full_range_int8.tflite")
 
 
@@ -95,7 +99,7 @@ BAD_CONFIGS = [
     ("mqtt:\n  reconnect_min_s: 10\n  reconnect_max_s: 5\n", "mqtt.reconnect_max_s: must be at least"),
     ("detector:\n  kind: yolo\n", "detector.kind: expected one of blazeface, haar, got 'yolo'"),
     ("detector:\n  model: /nonexistent/model.tflite\n", "detector.model: file not found"),
-    ("classifier:\n  model: missing.tflite\n", "classifier.model: file not found: missing.tflite"),
+    ("classifier:\n  model: missing.tflite\n", "classifier.model: file not found: /"),  # in the config's folder
     ("classifier:\n  crop_margin: 5\n", "classifier.crop_margin: expected at most 1.0, got 5.0"),
     ("smoothing:\n  window_s: 0\n", "smoothing.window_s: expected greater than 0"),
     ("smoothing:\n  window_s: .nan\n", "smoothing.window_s: expected a finite number"),
@@ -137,6 +141,20 @@ BAD_CONFIGS = [
     ("mqtt:\n  host: broker.lan:1883\n", "mqtt.host: expected a host name or IP address without a port"),
     ("mqtt:\n  host: '[::1]'\n", "mqtt.host: expected a host name or IP address without a port or brackets"),
     ("mqtt:\n  username: " + "u" * 70000 + "\n", "mqtt.username: too long: 70000 bytes, MQTT allows 65535"),
+    # YAML 1.1's base 60: these were camera 90, port 90 and 90.5 s, silently.
+    ("source: 1:30\n", "config.yaml:1: source: 1:30 is a base-60 number in YAML (= 90); write the number you mean, "
+                       "or quote it ('1:30')"),
+    ("mqtt: {port: 1:30}\n", "config.yaml:1: mqtt.port: 1:30 is a base-60 number in YAML (= 90)"),
+    ("smoothing:\n  dwell_s: 1:30.5\n", "smoothing.dwell_s: 1:30.5 is a base-60 number in YAML (= 90.5)"),
+    ("source: 1:30:00\n", "config.yaml:1: source: 1:30:00 is a base-60 number in YAML (= 5400)"),
+    # Stream URLs that passed check-config and were then reopened forever.
+    ("source: 'rtsp://'\n", "config.yaml:1: source: the stream URL has no host: 'rtsp://'"),
+    ("source: 'http://'\n", "source: the stream URL has no host: 'http://'"),
+    ("source: 'udp://'\n", "source: the stream URL has no host: 'udp://'"),
+    ("source: 'rtsp://u:p@cam:99999/x'\n", "source: the stream URL's port must be a number from 1 to 65535: "
+                                           "'rtsp://u:***@cam:99999/x'"),
+    ("source: 'rtsp://cam:0/x'\n", "source: the stream URL's port must be a number from 1 to 65535"),
+    ("source: 'rtsp://u:p@[::1/x'\n", "source: not a valid stream URL (Invalid IPv6 URL): 'rtsp://***@[::1/x'"),
 ]
 
 
@@ -261,6 +279,65 @@ def test_the_logged_config_masks_a_stream_password():
     cfg = load_config(None, {"source": "rtsp://admin:S3cret@cam.lan:554/live"})
     assert cfg.redacted()["source"] == "rtsp://admin:***@cam.lan:554/live"
     assert load_config(None, {"source": "rtsp://cam.lan/live"}).redacted()["source"] == "rtsp://cam.lan/live"
+
+
+@pytest.mark.parametrize("source", ["rtsp://admin:hunter2@cam:99999/x", "rtsp://admin:hunter2@[::1/x",
+                                    "rtsp://admin:hunter2@cam/x\\u0001"])
+def test_a_refused_stream_url_keeps_its_password_out_of_the_error(tmp_path, capsys, source):
+    assert main(["check-config", str(write(tmp_path, f'source: "{source}"\n'))]) == 2
+    err = capsys.readouterr().err
+    assert "source:" in err and "***@" in err and "hunter2" not in err
+
+
+@pytest.mark.parametrize("source", ["rtsp://admin:S3cret@cam.lan:554/live", "rtsp://[fe80::1%25eth0]/x",
+                                    "rtsp://u:p@[::1]:8554/x?channel=1&subtype=0", "http://cam.lan/mjpg",
+                                    "RTSP://cam.lan/x", "udp://@:1234"])  # udp: received on every interface
+def test_stream_urls_with_credentials_ipv6_literals_and_queries_are_accepted(source):
+    assert load_config(None, {"source": source}).source == source
+
+
+@pytest.mark.parametrize("username", ["''", "'  '"])
+def test_an_empty_user_name_is_no_user_name(tmp_path, username):
+    # Kept, it went to the broker as an empty user name, without the password_file's password.
+    assert load_config(write(tmp_path, f"mqtt:\n  username: {username}\n")).mqtt.username is None
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret")
+    with pytest.raises(ConfigError, match="mqtt.password_file: set, but mqtt.username is not"):
+        load_config(write(tmp_path, f"mqtt:\n  username: {username}\n  password_file: {secret}\n"))
+
+
+def test_relative_files_in_a_config_file_are_its_folder_s_and_on_the_command_line_the_working_one(
+        tmp_path, monkeypatch):
+    # The service runs in /var/lib/emotion-agent and its config is /etc/emotion-agent/config.yaml:
+    # `cd /etc/emotion-agent && emotion-agent check-config config.yaml` said OK, the service exited 2.
+    from agent.model_files import default_model_path
+
+    etc, work = tmp_path / "etc", tmp_path / "work"
+    etc.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for name in ("pw", "ca.pem", "cert.pem", "key.pem", "mine.tflite"):
+        (etc / name).write_text("s3cret\n")
+    bundled = "face_detection_full_range_int8.tflite"
+    (work / bundled).write_bytes(b"x")  # in the working folder: not what the config means
+    path = write(etc, f"source: clip.mp4\ndetector:\n  model: {bundled}\nclassifier:\n  model: mine.tflite\n"
+                      "mqtt:\n  username: u\n  password_file: pw\n  tls:\n    enabled: true\n    ca_file: ca.pem\n"
+                      "    cert_file: cert.pem\n    key_file: key.pem\n")
+    cfg = load_config(path)
+    assert cfg.source == str(etc / "clip.mp4")
+    assert read_password(cfg.mqtt) == "s3cret"
+    assert (cfg.mqtt.tls.ca_file, cfg.mqtt.tls.cert_file, cfg.mqtt.tls.key_file) == tuple(
+        str(etc / name) for name in ("ca.pem", "cert.pem", "key.pem"))
+    assert cfg.classifier.model == str(etc / "mine.tflite")
+    assert Path(cfg.detector.model) == default_model_path(bundled)
+    (etc / bundled).write_bytes(b"x")  # a file of a bundled model's name in the config's folder comes first
+    assert load_config(path).detector.model == str(etc / bundled)
+    # The command line's are the working folder's; camera indexes and URLs are no file names.
+    assert load_config(path, {"source": "clip.mp4"}).source == "clip.mp4"
+    for source in ("0", "rtsp://cam.lan/live"):
+        assert load_config(write(etc, f"source: '{source}'\n")).source == source
+    with pytest.raises(ConfigError, match=f"mqtt.password_file: file not found: {etc / 'nope'}$"):
+        load_config(write(etc, "mqtt:\n  username: u\n  password_file: nope\n"))
 
 
 def test_an_invalid_date_is_not_called_a_long_number(tmp_path):
