@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 
 from agent.argtypes import check_output_file, name_part, positive_int
-from agent.capture import VideoFileSource, check_video_file
+from agent.capture import VideoFileSource, check_video_file, opencv_file_name
 from agent.config import load_config
 from agent.errors import AgentError
 from agent.machine import describe, format_machine
@@ -63,7 +63,7 @@ class BenchResult:
 
 
 def _frame_count(video: str) -> int:
-    cap = cv2.VideoCapture(video)
+    cap = cv2.VideoCapture(opencv_file_name(video))
     count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     cap.release()
     return max(count, 0)
@@ -140,7 +140,7 @@ def measure_startup(video: str, config_path: str | None) -> float:
 
 
 def bench_decode(video: str, max_frames: int | None) -> PipelineFigures:
-    cap = cv2.VideoCapture(video)
+    cap = cv2.VideoCapture(opencv_file_name(video))
     frames = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     while not max_frames or frames < max_frames:
@@ -158,13 +158,13 @@ def bench_classic(video: str, max_frames: int | None) -> PipelineFigures:
     from agent.classic import ClassicPipeline
 
     pipeline = ClassicPipeline()
-    cap = cv2.VideoCapture(video)
+    cap = cv2.VideoCapture(opencv_file_name(video))
     warm_ok, warm = cap.read()
     if warm_ok:
         pipeline.model.predict(cv2.resize(cv2.cvtColor(warm, cv2.COLOR_BGR2GRAY), (48, 48))[None, :, :, None] / 255.0,
                                verbose=0)  # the first predict builds the graph: not part of steady state
     cap.release()
-    cap = cv2.VideoCapture(video)
+    cap = cv2.VideoCapture(opencv_file_name(video))
     samples: dict[str, list[float]] = {"decode": [], "detect": [], "classify": []}
     total = min(_frame_count(video) or 0, max_frames or 10 ** 9) or None
     progress = Progress("classic", total)

@@ -80,6 +80,12 @@ def put_until_stopped(q: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
+def opencv_file_name(path: str) -> str:
+    """The name to hand OpenCV for a file the user named: absolute, or FFmpeg takes what comes
+    before a colon (`cam1-12:30.mp4`) for a protocol and cannot open it; with ~ expanded."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def camera_device_missing(kind: str, target: int | str) -> bool:
     """A /dev camera path that is not there now (it is waited for, like an unplugged camera)."""
     return kind == "camera" and isinstance(target, str) and not Path(target).exists()
@@ -165,6 +171,11 @@ class VideoFileSource:
     live = False
     still = False
     PREFETCH = 4
+    # A frame that fails to decode before the video's known end is skipped: a bad block or a lost
+    # packet spoils a frame or a few, and the frames after it decode. This many failed reads in a
+    # row are taken for the end of a file cut short: damage seldom spans more frames, and at a real
+    # early end each read fails at once, so the tries cost nothing.
+    FAILED_READS_AT_AN_END = 10
 
     def __init__(self, path: str, *, realtime: bool = False, loop: bool = False, start_index: int = 0):
         """`start_index`: the first frame to hand out (a reload resumes where the last run stopped);
@@ -177,17 +188,17 @@ class VideoFileSource:
         self.fps = fps if fps and 1 <= fps <= 240 else 25.0
         self.frame_count: int | None = max(int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) or None  # as the container says
         self._index = 0
-        while self._index < start_index and self._cap.grab():  # exact, unlike a seek to a frame number
+        self._corrupt = 0
+        while self._index < start_index and self._next(self._cap.grab)[0]:  # exact, unlike a seek to a frame number
             self._index += 1
         self._start = time.monotonic() - self._index / self.fps  # realtime pacing goes on from there
         self._ended = False
-        self._corrupt = 0
         self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=self.PREFETCH)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None  # started by the first `read`
 
     def _open(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(self._path)
+        cap = cv2.VideoCapture(opencv_file_name(self._path))
         if not cap.isOpened():
             raise SourceError(f"cannot open video {self._path}: not a video file OpenCV can decode")
         return cap
@@ -197,7 +208,7 @@ class VideoFileSource:
         logged: the frames before it were good)."""
         try:
             while not self._stop.is_set():
-                ok, image = self._cap.read()
+                ok, image = self._next(self._cap.read)
                 if not ok:
                     if self._loop and self._index > 0:
                         self._cap.release()
@@ -217,6 +228,27 @@ class VideoFileSource:
         except (SourceError, cv2.error) as exc:
             logger.error("video %s: %s", self._path, exc)
         return None
+
+    def _next(self, step) -> tuple[bool, np.ndarray | None]:
+        """`step` (the capture's read or grab) once, or again past frames that fail to decode
+        before the video's known end: each is counted as corrupt, and its index passes with it.
+        (False, None) at the end, with `_index` left after the last frame that decoded."""
+        failed = 0
+        while True:
+            got = step()
+            ok, image = got if isinstance(got, tuple) else (got, None)
+            if ok:
+                if failed:
+                    logger.warning("video %s: %s cannot be decoded; skipped", self._path,
+                                   f"frame {self._index}" if failed == 1
+                                   else f"frames {self._index} to {self._index + failed - 1}")
+                    self._corrupt += failed
+                    self._index += failed
+                return True, image
+            failed += 1
+            if (failed >= self.FAILED_READS_AT_AN_END or not self.frame_count
+                    or self._index + failed >= self.frame_count):
+                return False, None
 
     def _decode(self) -> None:
         while True:
@@ -410,8 +442,13 @@ def classify_source(source: str) -> tuple[str, int | str]:
         return "camera", int(text)
     if text.lower().startswith(STREAM_SCHEMES):
         return "stream", text
-    path = Path(text).expanduser()
-    if text.startswith("/dev/") and not path.is_file():  # a video in /dev/shm is a file
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory"
+        home = text.split("/")[0]
+        why = f"no user {home[1:]} on this machine" if len(home) > 1 else "no home directory known for ~"
+        raise SourceError(f"source not found: {text} ({why})") from None
+    if text.startswith("/dev/") and not (path.is_file() or _pipe_or_socket(path)):  # a video in /dev/shm is a file
         # Like a camera index, a device path that is not there is waited for: a USB camera may be
         # unplugged at start, or enumerate after the service.
         return "camera", str(path)
@@ -421,6 +458,8 @@ def classify_source(source: str) -> tuple[str, int | str]:
                               "or an rtsp:// or http(s):// URL)")
         if path.is_dir():
             raise SourceError(f"source is a directory, not a file: {text}")
+        if special := _pipe_or_socket(path):  # opening a FIFO waits for a writer, maybe forever
+            raise SourceError(f"source is {special}, not a file: {text}")
         with path.open("rb"):
             pass
     except PermissionError:
@@ -430,6 +469,13 @@ def classify_source(source: str) -> tuple[str, int | str]:
     # By content, not by name: a photo saved without its suffix, or as .gif, is still one image.
     kind = "image" if cv2.haveImageReader(str(path)) or path.suffix.lower() in IMAGE_SUFFIXES else "video"
     return kind, str(path)
+
+
+def _pipe_or_socket(path: Path) -> str | None:
+    """What `path` is if it is a named pipe or a socket: neither a file nor a camera device."""
+    if path.is_fifo():
+        return "a named pipe (FIFO)"
+    return "a socket" if path.is_socket() else None
 
 
 def check_file_source(kind: str, target: int | str) -> None:

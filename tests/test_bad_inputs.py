@@ -19,9 +19,9 @@ from tests.test_capture import write_video
 REPO = Path(__file__).resolve().parents[1]
 
 
-def agent(*args: str | bytes, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+def agent(*args: str | bytes, stdout=subprocess.PIPE, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agent", *args], stdout=stdout, stderr=subprocess.PIPE,
-                          timeout=120, cwd=REPO)
+                          timeout=timeout, cwd=REPO)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -183,3 +183,56 @@ def test_a_flush_timeout_of_zero_is_refused_up_front():
     result = agent("run", "--source", "0", "--flush-timeout", "0")
     assert result.returncode == 2
     assert "--flush-timeout: expected a number of seconds above 0" in result.stderr.decode()
+
+
+def test_relative_files_in_a_config_are_found_from_its_folder_by_check_config_and_run(tmp_path, broker):
+    # The service runs in /var/lib/emotion-agent with its config in /etc/emotion-agent: check-config,
+    # run beside the config, said OK; the service said "file not found", exit 2, and stayed down.
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    write_video(etc / "clip.avi", frames=5)
+    (etc / "mqtt_password").write_text("secret\n")
+    config = etc / "config.yaml"
+    config.write_text(f"source: clip.avi\nmqtt:\n  port: {broker.port}\n  username: alice\n"
+                      "  password_file: mqtt_password\n")
+    for command in (["check-config", str(config)], ["run", "--config", str(config)]):
+        result = agent(*command)  # in the repository, not in etc
+        assert result.returncode == 0, result.stderr.decode()
+    assert f"source {etc / 'clip.avi'}: video" in agent("check-config", str(config)).stdout.decode()
+
+
+def _source_through(command: str, source: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`command` (run, check-config, bench) given `source`, as a user would; stopped after 60 s."""
+    if command == "check-config":
+        config = tmp_path / "config.yaml"
+        config.write_text(f"source: '{source}'\n")
+        return agent("check-config", str(config), timeout=60)
+    if command == "bench":
+        return agent("bench", source, "--no-classic", "--rounds", "1", timeout=60)
+    return agent("run", "--source", source, "--mqtt-port", "1", "--flush-timeout", "1", timeout=60)
+
+
+@pytest.mark.parametrize("command, code", [("run", 4), ("check-config", 2), ("bench", 4)])
+def test_a_home_directory_of_no_user_is_one_line(tmp_path, command, code):
+    # pathlib's RuntimeError ("Could not determine home directory") was an internal error.
+    result = _source_through(command, "~no-such-user-emotion-agent/x.mp4", tmp_path)
+    assert result.returncode == code
+    assert "no user no-such-user-emotion-agent on this machine" in one_line_error(result)
+
+
+@pytest.mark.parametrize("command, code", [("run", 4), ("check-config", 2), ("bench", 4)])
+@pytest.mark.parametrize("under_dev", [False, True], ids=["tmp", "dev-shm"])
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path, command, code, under_dev):
+    # Opening it to check it was readable waited for a writer, silently, for ever; under /dev it
+    # was taken for a camera.
+    folder = Path("/dev/shm") if under_dev else tmp_path
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        pytest.skip(f"no writable {folder}")
+    fifo = folder / f"emotion-agent-test-{os.getpid()}.fifo"
+    os.mkfifo(fifo)
+    try:
+        result = _source_through(command, str(fifo), tmp_path)
+    finally:
+        fifo.unlink()
+    assert result.returncode == code
+    assert "is a named pipe (FIFO), not a file" in one_line_error(result)

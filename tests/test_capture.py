@@ -18,6 +18,18 @@ def write_video(path, frames: int = 30, fps: float = 10.0, size=(64, 48)):
     return path
 
 
+def damage_frames(path, frames):
+    """`path` with the JPEG of each of these frames zeroed, its AVI chunk left whole: as a bad
+    block leaves it, the frame fails to decode and the frames after it still do."""
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    for frame in frames:
+        end = data.rindex(b"\xff\xd9", starts[frame], starts[frame + 1]) + 2
+        data[starts[frame]:end] = bytes(end - starts[frame])
+    path.write_bytes(bytes(data))
+    return path
+
+
 def test_video_file_yields_every_frame_with_video_timestamps(tmp_path):
     source = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=30, fps=10)))
     frames = []
@@ -123,10 +135,19 @@ def test_file_source_kinds(tmp_path, smiling_photo):
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: str(tmp / "missing.mp4"), "source not found"),
     (lambda tmp: str(tmp), "source is a directory"),
+    (lambda tmp: "~no-such-user-emotion-agent/x.mp4", r"source not found: .* \(no user no-such-user-emotion-agent "),
+    (lambda tmp: unix_socket(tmp / "sock"), "source is a socket, not a file"),
 ])
 def test_unusable_source_is_one_line(tmp_path, make, message):
     with pytest.raises(SourceError, match=message):
         make_source(make(tmp_path))
+
+
+def unix_socket(path) -> str:
+    import socket
+
+    socket.socket(socket.AF_UNIX).bind(str(path))  # the file stays after the socket is closed
+    return str(path)
 
 
 def test_a_missing_camera_device_is_waited_for_like_an_unplugged_camera(caplog):
@@ -164,6 +185,51 @@ def test_a_truncated_video_says_so_and_yields_what_it_has(tmp_path, caplog):
     source.close()
     assert 10 < frames < 100
     assert f"ended after {frames} of its 100 frames" in caplog.text
+
+
+@pytest.mark.parametrize("here", [False, True], ids=["read", "read_here"])
+def test_a_frame_that_cannot_be_decoded_is_counted_and_the_rest_of_the_video_follows(tmp_path, caplog, here):
+    # The failed read used to be taken for the end: the run stopped there, with exit 0.
+    source = VideoFileSource(str(damage_frames(write_video(tmp_path / "clip.avi", frames=30), [12])))
+    frames = []
+    while (frame := source.read_here() if here else source.read()) is not None:
+        frames.append(frame)
+    source.close()
+    assert [f.index for f in frames] == [i for i in range(30) if i != 12]
+    after = next(f for f in frames if f.index == 13)
+    assert int(after.image[0, 0, 0]) == pytest.approx(13 * 8, abs=3) and after.timestamp == pytest.approx(1.3)
+    assert source.corrupt() == 1
+    assert "frame 12 cannot be decoded; skipped" in caplog.text and "ended after" not in caplog.text
+
+
+def test_a_video_resumed_past_a_damaged_frame_starts_at_the_right_frame(tmp_path):
+    video = damage_frames(write_video(tmp_path / "clip.avi", frames=30), [12])
+    source = VideoFileSource(str(video), start_index=20)
+    try:
+        first = source.read()
+    finally:
+        source.close()
+    assert first.index == 20 and int(first.image[0, 0, 0]) == pytest.approx(20 * 8, abs=3)
+
+
+@pytest.mark.parametrize("name", ["cam1-12:30.mp4", "2024-01-01T12:30:00.mp4"])
+def test_a_relative_file_name_with_a_colon_is_a_file_not_a_protocol(tmp_path, monkeypatch, name):
+    # FFmpeg took "cam1-12" for a protocol: "not a video file OpenCV can decode".
+    writer = cv2.VideoWriter(str(tmp_path / name), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV cannot write MPEG-4")
+    for _ in range(5):
+        writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer.release()
+    monkeypatch.chdir(tmp_path)
+    source = make_source(name)
+    try:
+        assert source.read() is not None
+    finally:
+        source.close()
+    with pytest.raises(SourceError) as refused:  # messages keep the name as given
+        VideoFileSource(name + ".missing")
+    assert str(refused.value).startswith(f"cannot open video {name}.missing: ")
 
 
 def test_corrupt_video_file_is_a_clear_error(tmp_path):
