@@ -188,6 +188,7 @@ class VideoFileSource:
         self.fps = fps if fps and 1 <= fps <= 240 else 25.0
         self.frame_count: int | None = max(int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) or None  # as the container says
         self._index = 0
+        self._pass_start = 0  # the index of this pass's first frame: with --loop, indices go on growing
         self._corrupt = 0
         while self._index < start_index and self._next(self._cap.grab)[0]:  # exact, unlike a seek to a frame number
             self._index += 1
@@ -213,6 +214,7 @@ class VideoFileSource:
                     if self._loop and self._index > 0:
                         self._cap.release()
                         self._cap = self._open()
+                        self._pass_start = self._index
                         continue
                     expected = self.frame_count
                     if expected and self._index < expected * 0.98:  # container counts are often off by a frame or two
@@ -247,7 +249,7 @@ class VideoFileSource:
                 return True, image
             failed += 1
             if (failed >= self.FAILED_READS_AT_AN_END or not self.frame_count
-                    or self._index + failed >= self.frame_count):
+                    or self._index - self._pass_start + failed >= self.frame_count):
                 return False, None
 
     def _decode(self) -> None:

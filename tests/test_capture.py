@@ -202,6 +202,17 @@ def test_a_frame_that_cannot_be_decoded_is_counted_and_the_rest_of_the_video_fol
     assert "frame 12 cannot be decoded; skipped" in caplog.text and "ended after" not in caplog.text
 
 
+def test_a_looped_video_skips_its_damaged_frame_on_every_pass(tmp_path):
+    # Indices go on growing across passes: the second pass took its failed read for the end.
+    source = VideoFileSource(str(damage_frames(write_video(tmp_path / "clip.avi", frames=30), [12])), loop=True)
+    try:
+        indices = [source.read_here().index for _ in range(29 * 3)]
+    finally:
+        source.close()
+    assert indices == [i for i in range(90) if i % 30 != 12]
+    assert source.corrupt() == 3
+
+
 def test_a_video_resumed_past_a_damaged_frame_starts_at_the_right_frame(tmp_path):
     video = damage_frames(write_video(tmp_path / "clip.avi", frames=30), [12])
     source = VideoFileSource(str(video), start_index=20)
