@@ -225,19 +225,8 @@ def _same_connection(old: Config, new: Config, publisher: MqttPublisher) -> bool
     """Whether a reload can keep the publisher: the same mqtt section and the same password."""
     if new.mqtt != old.mqtt:
         return False
-    if new.mqtt.tls.enabled:
-        from agent.mqtt import tls_files_digest
-
-        t = new.mqtt.tls
-        try:
-            changed = tls_files_digest(t.ca_file, t.cert_file, t.key_file) != publisher.tls_digest
-        except OSError as exc:  # as for the password below: keep what works
-            logger.warning("SIGHUP: cannot read the TLS files (%s); the broker connection keeps those it has",
-                           exc.strerror or exc)
-            changed = False
-        if changed:
-            logger.info("SIGHUP: the TLS files changed: connecting again with them")
-            return False
+    if new.mqtt.tls.enabled and _tls_files_changed(new.mqtt.tls, publisher):
+        return False
     try:
         password = read_password(new.mqtt) if new.mqtt.username else None
     except ConfigError as exc:
@@ -246,6 +235,28 @@ def _same_connection(old: Config, new: Config, publisher: MqttPublisher) -> bool
         logger.warning("SIGHUP: %s; the broker connection keeps the password it has", exc)
         return True
     return password == publisher.settings.password
+
+
+def _tls_files_changed(tls, publisher: MqttPublisher) -> bool:
+    """Whether the TLS files hold other contents than the connection loaded (renewed in place),
+    and load: files that cannot be read or loaded now (a copy half done, a certificate renewed
+    before its key) keep the connection, as the password does, rather than end the daemon."""
+    from agent.errors import BrokerError
+    from agent.mqtt import check_tls_files, tls_files_digest
+
+    try:
+        if tls_files_digest(tls.ca_file, tls.cert_file, tls.key_file) == publisher.tls_digest:
+            return False
+        check_tls_files(tls.ca_file, tls.cert_file, tls.key_file)
+    except OSError as exc:
+        logger.warning("SIGHUP: cannot read the TLS files (%s); the broker connection keeps those it has",
+                       exc.strerror or exc)
+        return False
+    except BrokerError as exc:
+        logger.warning("SIGHUP: %s; the broker connection keeps the TLS files it has", exc)
+        return False
+    logger.info("SIGHUP: the TLS files changed: connecting again with them")
+    return True
 
 
 COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}

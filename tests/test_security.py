@@ -463,6 +463,40 @@ def test_a_reload_after_the_ca_file_was_renewed_in_place_connects_with_the_new_o
     assert "SIGHUP: the TLS files changed: connecting again with them" in err
 
 
+def test_a_reload_while_the_ca_file_is_half_written_keeps_the_connection(secure_broker, pki, tmp_path):
+    # Other contents that do not load (a copy under way): the connection was closed for them, the
+    # new one could not be made, nor the old config's, and the daemon exited.
+    from tests.test_end_to_end import still_video
+
+    ca_file = tmp_path / "agent-ca.pem"
+    shutil.copy(pki / "ca.pem", ca_file)
+    secret = tmp_path / "mqtt_password"
+    secret.write_text(AGENT_PASSWORD + "\n")
+    config = write_config(tmp_path / "config.yaml", secure_broker.port, pki, password_file=secret)
+    config.write_text(config.read_text().replace(str(pki / "ca.pem"), str(ca_file)))
+    clip = still_video(tmp_path / "clip.avi", seconds=4)
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), "--source", str(clip),
+                             "--loop", "--realtime"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    try:
+        sub = reader(secure_broker.port, pki, f"{PREFIX}/#")
+        sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=60)
+        ca_file.write_text("")
+        before = len(sub.all)
+        proc.send_signal(signal.SIGHUP)
+        sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
+        sub.stop()
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "the broker connection keeps the TLS files it has" in err
+    assert err.count("connected to broker") == 1
+
+
 def test_the_agent_with_a_wrong_password_exits_non_zero_with_one_line(secure_broker, pki, tmp_path, smiling_photo):
     secret = tmp_path / "mqtt_password"
     secret.write_text("wrong-password\n")
