@@ -171,6 +171,11 @@ def redact_url(text: str) -> str:
         return text
     try:
         parts = urllib.parse.urlsplit(text)
+        if "@" not in parts.netloc:
+            # An @ past the address: a password with a / ? or # in it ends the address early,
+            # and would show whole. Everything up to the last @ is masked.
+            scheme, _, rest = text.partition("://")
+            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
         if parts.password is None:
             return text
         host = parts.netloc.rsplit("@", 1)[1]
@@ -210,8 +215,10 @@ class _Lines:
                     continue
                 self.lines[path] = key.start_mark.line + 1
                 # YAML 1.1 reads a plain 1:30 as base 60 (90): `source: 1:30` would open camera 90.
-                if isinstance(value, yaml.ScalarNode) and value.style is None and ":" in value.value \
-                        and value.tag.endswith((":int", ":float")):
+                # Only the source, a text setting that also takes a number: elsewhere a number is
+                # meant, and `stats_interval_s: 1:00` (60) has always worked.
+                if path == "source" and isinstance(value, yaml.ScalarNode) and value.style is None \
+                        and ":" in value.value and value.tag.endswith((":int", ":float")):
                     self.sexagesimal.append((path, value.start_mark.line + 1, value.value))
                 self._walk(value, path)
 
@@ -436,8 +443,9 @@ def _check_stream_url(source: str, lines: _Lines) -> None:
         port = 0
     if port == 0:
         _fail(lines, "source", f"the stream URL's port must be a number from 1 to 65535: {shown}")
-    # udp://@:1234 (no host, a port) receives on every interface; anything else needs a host.
-    if not parts.hostname and not (parts.scheme == "udp" and port):
+    # udp://@:1234 and tcp://:5000?listen=1 (no host, a port) receive on every interface; anything
+    # else needs a host.
+    if not parts.hostname and not (parts.scheme.lower() in ("udp", "tcp") and port):
         _fail(lines, "source", f"the stream URL has no host: {shown}")
 
 

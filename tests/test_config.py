@@ -141,11 +141,9 @@ BAD_CONFIGS = [
     ("mqtt:\n  host: broker.lan:1883\n", "mqtt.host: expected a host name or IP address without a port"),
     ("mqtt:\n  host: '[::1]'\n", "mqtt.host: expected a host name or IP address without a port or brackets"),
     ("mqtt:\n  username: " + "u" * 70000 + "\n", "mqtt.username: too long: 70000 bytes, MQTT allows 65535"),
-    # YAML 1.1's base 60: these were camera 90, port 90 and 90.5 s, silently.
+    # YAML 1.1's base 60: these were camera 90 and camera 5400, silently.
     ("source: 1:30\n", "config.yaml:1: source: 1:30 is a base-60 number in YAML (= 90); write the number you mean, "
                        "or quote it ('1:30')"),
-    ("mqtt: {port: 1:30}\n", "config.yaml:1: mqtt.port: 1:30 is a base-60 number in YAML (= 90)"),
-    ("smoothing:\n  dwell_s: 1:30.5\n", "smoothing.dwell_s: 1:30.5 is a base-60 number in YAML (= 90.5)"),
     ("source: 1:30:00\n", "config.yaml:1: source: 1:30:00 is a base-60 number in YAML (= 5400)"),
     # Stream URLs that passed check-config and were then reopened forever.
     ("source: 'rtsp://'\n", "config.yaml:1: source: the stream URL has no host: 'rtsp://'"),
@@ -291,9 +289,21 @@ def test_a_refused_stream_url_keeps_its_password_out_of_the_error(tmp_path, caps
 
 @pytest.mark.parametrize("source", ["rtsp://admin:S3cret@cam.lan:554/live", "rtsp://[fe80::1%25eth0]/x",
                                     "rtsp://u:p@[::1]:8554/x?channel=1&subtype=0", "http://cam.lan/mjpg",
-                                    "RTSP://cam.lan/x", "udp://@:1234"])  # udp: received on every interface
+                                    "RTSP://cam.lan/x", "udp://@:1234",  # udp: received on every interface
+                                    "tcp://:5000?listen=1"])  # FFmpeg listens on every interface
 def test_stream_urls_with_credentials_ipv6_literals_and_queries_are_accepted(source):
     assert load_config(None, {"source": source}).source == source
+
+
+def test_base_60_numbers_are_still_numbers_where_a_number_is_meant(tmp_path):
+    assert load_config(write(tmp_path, "mqtt:\n  stats_interval_s: 1:00\n")).mqtt.stats_interval_s == 60
+
+
+def test_a_password_with_a_slash_is_masked_though_it_ends_the_address_early(tmp_path):
+    # urlsplit ends the address at the /, so it saw no password and printed the URL whole.
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, "source: rtsp://admin:p/ss@cam/s\n"))
+    assert "p/ss" not in str(refused.value) and "rtsp://***@cam/s" in str(refused.value)
 
 
 @pytest.mark.parametrize("username", ["''", "'  '"])
