@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import cv2
 import numpy as np
@@ -190,7 +190,9 @@ class VideoFileSource:
         self._index = 0
         self._pass_start = 0  # the index of this pass's first frame: with --loop, indices go on growing
         self._corrupt = 0
-        while self._index < start_index and self._next(self._cap.grab)[0]:  # exact, unlike a seek to a frame number
+        # Exact, unlike a seek to a frame number. Damaged frames on the way were reported by the
+        # run that got this far: not counted or logged again.
+        while self._index < start_index and self._next(lambda: (self._cap.grab(), None), counted=False)[0]:
             self._index += 1
         self._start = time.monotonic() - self._index / self.fps  # realtime pacing goes on from there
         self._ended = False
@@ -231,21 +233,21 @@ class VideoFileSource:
             logger.error("video %s: %s", self._path, exc)
         return None
 
-    def _next(self, step) -> tuple[bool, np.ndarray | None]:
-        """`step` (the capture's read or grab) once, or again past frames that fail to decode
-        before the video's known end: each is counted as corrupt, and its index passes with it.
-        (False, None) at the end, with `_index` left after the last frame that decoded."""
+    def _next(self, step: Callable[[], tuple[bool, np.ndarray | None]], *,
+              counted: bool = True) -> tuple[bool, np.ndarray | None]:
+        """`step` (the capture's read, or a grab) once, or again past frames that fail to decode
+        before the video's known end: each is counted as corrupt (if `counted`), and its index
+        passes with it. (False, None) at the end, with `_index` after the last frame that decoded."""
         failed = 0
         while True:
-            got = step()
-            ok, image = got if isinstance(got, tuple) else (got, None)
+            ok, image = step()
             if ok:
-                if failed:
+                if failed and counted:
                     logger.warning("video %s: %s cannot be decoded; skipped", self._path,
                                    f"frame {self._index}" if failed == 1
                                    else f"frames {self._index} to {self._index + failed - 1}")
                     self._corrupt += failed
-                    self._index += failed
+                self._index += failed
                 return True, image
             failed += 1
             if (failed >= self.FAILED_READS_AT_AN_END or not self.frame_count
