@@ -159,9 +159,14 @@ class MqttPublisher:
         self._socket_error: str | None = None  # what the socket said as paho lost it
         self._hanging_up = False  # close() is disconnecting on purpose
         self._refused = False  # the broker's CONNACK refused the connection now being closed
-        self._client = self._make_client()  # checks the TLS files first
-        self.tls_digest = tls_files_digest(settings.ca_file, settings.cert_file, settings.key_file) \
-            if settings.tls else None
+        # Read before the client loads them, so a renewal in between is seen at the next reload.
+        self.tls_digest: str | None = None
+        if settings.tls:
+            try:
+                self.tls_digest = tls_files_digest(settings.ca_file, settings.cert_file, settings.key_file)
+            except OSError:
+                pass  # _make_client names the file at fault
+        self._client = self._make_client()
 
     # --- setup -------------------------------------------------------------------------------
 
