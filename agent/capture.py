@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
-from agent.config import redact_url
+from agent.config import STREAM_SCHEMES, redact_url
 from agent.errors import SourceError
 from agent.types import Frame
 
@@ -33,7 +33,6 @@ if "OPENCV_LOG_LEVEL" not in os.environ:
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when FFmpeg first opens
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
-STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
 
 
 class FrameSource(Protocol):

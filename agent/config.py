@@ -21,9 +21,12 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
-from agent.model_files import default_model_path, resolve_model_path
+from agent.model_files import resolve_model_path
 
 PASSWORD_ENV = "EMOTION_AGENT_MQTT_PASSWORD"
+# A source with one of these is a stream (capture.classify_source); here, not in capture, so that
+# the validation can check the URL without loading OpenCV.
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
 
 
 def setting(default: Any, description: str, *, min: float | None = None,
@@ -171,18 +174,17 @@ def redact_url(text: str) -> str:
         return text
     try:
         parts = urllib.parse.urlsplit(text)
-        if "@" not in parts.netloc:
-            # An @ past the address: a password with a / ? or # in it ends the address early,
-            # and would show whole. Everything up to the last @ is masked.
-            scheme, _, rest = text.partition("://")
-            return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-        if parts.password is None:
-            return text
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-    except ValueError:  # not a URL after all (a port that is no number): mask all before the @
+        # No @ in the address: a password with a / ? or # in it, which ends the address early.
+        user_in_address = "@" in parts.netloc
+    except ValueError:  # not a URL after all (a port that is no number)
+        user_in_address = False
+    if not user_in_address:  # everything up to the last @ is masked
         scheme, _, rest = text.partition("://")
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    if parts.password is None:
+        return text
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -423,14 +425,9 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
     _check_stream_url(cfg.source.strip(), lines)
 
 
-# The schemes capture.classify_source takes for a stream (its STREAM_SCHEMES); config cannot import
-# capture, which loads OpenCV.
-_STREAM_URL = re.compile(r"(rtsps?|https?|udp|tcp|rtmp)://", re.IGNORECASE)
-
-
 def _check_stream_url(source: str, lines: _Lines) -> None:
     """A stream URL without a host, or with a port that is none, would be reopened forever."""
-    if not _STREAM_URL.match(source):
+    if not source.lower().startswith(STREAM_SCHEMES):
         return
     shown = _shown(redact_url(source))
     try:
@@ -483,12 +480,9 @@ def _relative_to_config(data: dict, folder: Path) -> None:
             if value.isdigit() or "://" in value:  # a camera index or a URL
                 continue
         path = folder / value
-        if dotted.endswith(".model") and Path(value).name == value:
-            # A bare name that is no file there means the bundled model (resolve_model_path's
-            # order, with the config's folder for the working one).
+        if dotted.endswith(".model"):  # a bare name that is no file there: the bundled model
             try:
-                if not path.exists() and default_model_path(value).is_file():
-                    path = default_model_path(value)
+                path = resolve_model_path(value, folder)
             except ValueError:  # a NUL or a stray surrogate in the name: the validation says so
                 pass
         node[key] = str(path)

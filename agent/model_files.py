@@ -23,12 +23,13 @@ def default_model_path(name: str = DEFAULT_EMOTION_MODEL) -> Path:
     return Path(__file__).resolve().parents[1] / "models" / name
 
 
-def resolve_model_path(value: str) -> Path:
-    """A model setting as a path: the file it names, or, for a bare file name that is no file
-    here, the bundled model of that name (so `face_detection_full_range_int8.tflite` works
-    wherever the package is installed)."""
-    path = Path(value)
-    if not path.exists() and path.name == value:
+def resolve_model_path(value: str, folder: Path | None = None) -> Path:
+    """A model setting as a path: the file it names (in `folder`, the config file's, if given;
+    else the working folder), or, for a bare file name that is no file there, the bundled model
+    of that name (so `face_detection_full_range_int8.tflite` works wherever the package is
+    installed)."""
+    path = folder / value if folder is not None else Path(value)
+    if not path.exists() and Path(value).name == value:
         bundled = default_model_path(value)
         if bundled.is_file():
             return bundled

@@ -318,15 +318,16 @@ class MqttPublisher:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
             message = self._unacked.get(mid)
-            if message is None:
-                self._early_acks.add(mid)  # acknowledged before _send recorded it
+            latest = self._latest_after_replay(mid, message) if message is not None else None
+            if latest is None:
+                if message is None:
+                    self._early_acks.add(mid)  # acknowledged before _send recorded it
+                self._unacked.pop(mid, None)
                 self._idle.notify_all()
                 return
-            latest = self._latest_after_replay(mid, message)
-        if latest is not None:
-            # Before the replayed value counts as delivered, so that a flush waits for this one too.
-            # paho's lock is reentrant: publishing from its callback is safe.
-            self._send(latest)
+        # Before the replayed value counts as delivered, so that a flush waits for this one too.
+        # paho's lock is reentrant: publishing from its callback is safe.
+        self._send(latest)
         with self._lock:
             self._unacked.pop(mid, None)
             self._idle.notify_all()

@@ -22,6 +22,8 @@ import os
 import socket
 from pathlib import Path
 
+from agent.topics import publishable
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,15 +36,6 @@ def record_path(state_directory: str | None, config_path: str | None, topic_pref
         return None
     key = json.dumps([os.path.abspath(config_path) if config_path else None, topic_prefix])
     return Path(first) / f"retained-{hashlib.sha256(key.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.json"
-
-
-def _publishable(topic: str) -> bool:
-    """Whether MQTT allows a PUBLISH to `topic`: not empty, no wildcard, no NUL, within 65535 bytes."""
-    try:
-        encoded = topic.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return 0 < len(encoded) <= 65535 and not any(c in topic for c in "+#\0")
 
 
 class RetainedRecord:
@@ -64,7 +57,7 @@ class RetainedRecord:
                 raise ValueError("unexpected contents")
             # A topic no publish can take (edited by hand, or a damaged file) is skipped: handed
             # on, it failed every start, as the record keeps what it hands out.
-            usable = {t for t in topics if _publishable(t)}
+            usable = {t for t in topics if publishable(t)}
             if len(usable) < len(topics):
                 logger.warning("%s: skipping %d topic(s) that cannot be published to", self._path,
                                len(topics) - len(usable))

@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EVENT_KINDS = ("face_appeared", "emotion_changed", "face_lost")
+MAX_TOPIC_BYTES = 65535  # an MQTT string carries a 16-bit length
+
+
+def publishable(topic: str) -> bool:
+    """Whether MQTT allows a PUBLISH to `topic`: not empty, no wildcard, no NUL, within 65535 bytes."""
+    try:
+        encoded = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return 0 < len(encoded) <= MAX_TOPIC_BYTES and not any(c in topic for c in "+#\0")
 
 
 @dataclass(frozen=True, slots=True)
