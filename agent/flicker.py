@@ -408,10 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    from agent.argtypes import non_negative_int, positive_float, positive_int
+    from agent.argtypes import Parser, non_negative_int, positive_float, positive_int
     from agent.config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m agent.flicker", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m agent.flicker", description=__doc__.splitlines()[0])
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("--config", metavar="FILE", help="agent config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -236,3 +236,17 @@ def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path, command,
         fifo.unlink()
     assert result.returncode == code
     assert "is a named pipe (FIFO), not a file" in one_line_error(result)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["run", "--mqtt-port", "abc"], "emotion-agent run: error: argument --mqtt-port: expected a port number"),
+    (["run", "--bogus"], "emotion-agent: error: unrecognized arguments: --bogus"),
+    (["eval"], "emotion-agent eval: error: the following arguments are required: DIR"),
+    ([], "emotion-agent: error: the following arguments are required: COMMAND"),
+])
+def test_a_usage_error_is_one_line_that_points_to_help(args, says):
+    result = agent(*args)
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1, lines  # argparse's own error is the usage block, then the reason
+    assert lines[0].startswith(says) and lines[0].endswith("--help)"), lines
