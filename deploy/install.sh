@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (or upgrades) emotion-agent as a systemd service:
 #   virtualenv /opt/emotion-agent/venv, config /etc/emotion-agent/config.yaml (never overwritten),
-#   secrets /etc/emotion-agent/env (mode 600), unit /etc/systemd/system/emotion-agent.service.
+#   secrets /etc/emotion-agent/env (mode 600), units /etc/systemd/system/emotion-agent.service and
+#   emotion-agent@.service (one more camera each, configured by /etc/emotion-agent/NAME.yaml).
 # Usage: sudo deploy/install.sh [--root DIR] [--source DIR] [--no-systemctl]
 #                               [--system-site-packages] [--pip-args "ARGS"]
 #   --root DIR      install under DIR instead of / (tests); no user, no systemctl there
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
         --no-systemctl) use_systemctl=0; shift ;;
         --system-site-packages) venv_args+=(--system-site-packages); shift ;;
         --pip-args) read -r -a pip_args <<< "${2?--pip-args needs a value}"; shift 2 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -84,20 +85,45 @@ if [ "$is_live_root" = 1 ]; then
     chown root:emotion-agent "$etc" "$etc/config.yaml"
     chown root:root "$etc/env"
 fi
-# The same validation as `run`: a bad config stops here, before the service is (re)started.
-"$prefix/venv/bin/emotion-agent" check-config "$etc/config.yaml" \
-    || die "fix $etc/config.yaml, then run this again"
+# The same validation as `run`, of the main config and of every instance's (emotion-agent@NAME
+# reads NAME.yaml): a bad config stops here, before a service is (re)started with the new code.
+for config in "$etc"/*.yaml; do
+    [ -e "$config" ] || continue
+    "$prefix/venv/bin/emotion-agent" check-config "$config" || die "fix $config, then run this again"
+done
 
-echo "==> unit $unit_dir/emotion-agent.service"
+echo "==> units $unit_dir/emotion-agent.service and emotion-agent@.service"
 install -d "$unit_dir"
+upgrade=0
+[ -e "$unit_dir/emotion-agent.service" ] && upgrade=1
 install -m 0644 "$source_dir/deploy/emotion-agent.service" "$unit_dir/emotion-agent.service"
+# One more camera per instance: emotion-agent@kitchen runs with /etc/emotion-agent/kitchen.yaml.
+# The template is the unit above with its description and config file changed, made from it so
+# the two cannot drift apart.
+sed -e '1,2d' \
+    -e 's|^Description=emotion-agent: |Description=emotion-agent %i: |' \
+    -e 's|--config /etc/emotion-agent/config.yaml$|--config /etc/emotion-agent/%i.yaml|' \
+    "$source_dir/deploy/emotion-agent.service" \
+    | { printf '%s\n' '# emotion-agent@NAME: one more camera, configured by /etc/emotion-agent/NAME.yaml. Made by' \
+                     '# deploy/install.sh from emotion-agent.service (see docs/deploy.md); local changes belong' \
+                     '# in a drop-in (systemctl edit emotion-agent@NAME), not in this file.'; cat; } \
+    > "$unit_dir/emotion-agent@.service.tmp"
+grep -q -- '--config /etc/emotion-agent/%i.yaml$' "$unit_dir/emotion-agent@.service.tmp" \
+    || die "could not make emotion-agent@.service from emotion-agent.service (its ExecStart= changed?)"
+chmod 0644 "$unit_dir/emotion-agent@.service.tmp"
+mv "$unit_dir/emotion-agent@.service.tmp" "$unit_dir/emotion-agent@.service"
 
 if [ "$use_systemctl" = 1 ] && [ "$is_live_root" = 1 ]; then
     systemctl daemon-reload
-    systemctl enable emotion-agent.service
-    # restart, not start: an upgrade must replace the running process.
-    systemctl restart emotion-agent.service
-    echo "==> running; logs: journalctl -u emotion-agent -f"
+    if [ "$upgrade" = 1 ]; then
+        # An upgrade replaces the running processes, and leaves alone a unit someone stopped or disabled.
+        systemctl try-restart emotion-agent.service 'emotion-agent@*.service'
+        echo "==> upgraded; running services restarted; logs: journalctl -u 'emotion-agent*' -f"
+    else
+        systemctl enable emotion-agent.service
+        systemctl restart emotion-agent.service
+        echo "==> running; logs: journalctl -u emotion-agent -f"
+    fi
 else
     echo "==> not started; on the device: systemctl daemon-reload && systemctl enable --now emotion-agent"
 fi

@@ -28,15 +28,20 @@ fi
 live_systemctl=0
 [ "$use_systemctl" = 1 ] && [ "$is_live_root" = 1 ] && live_systemctl=1
 
+units=$root/etc/systemd/system
 if [ "$live_systemctl" = 1 ]; then
     # Not installed (any more) is fine: uninstalling twice must work.
     systemctl disable --now emotion-agent.service 2>/dev/null || true
+    for link in "$units"/multi-user.target.wants/emotion-agent@*.service; do
+        [ -L "$link" ] && systemctl disable "${link##*/}" 2>/dev/null || true
+    done
+    systemctl stop 'emotion-agent@*.service' 2>/dev/null || true  # instances started but not enabled too
 fi
-rm -f "$root/etc/systemd/system/emotion-agent.service" \
-      "$root/etc/systemd/system/multi-user.target.wants/emotion-agent.service"
+rm -f "$units/emotion-agent.service" "$units/emotion-agent@.service" \
+      "$units/multi-user.target.wants/emotion-agent.service" "$units"/multi-user.target.wants/emotion-agent@*.service
 if [ "$live_systemctl" = 1 ]; then
     systemctl daemon-reload
-    systemctl reset-failed emotion-agent.service 2>/dev/null || true
+    systemctl reset-failed emotion-agent.service 'emotion-agent@*.service' 2>/dev/null || true
 fi
 rm -rf "$root/opt/emotion-agent"
 if [ "$purge" = 1 ]; then

@@ -115,6 +115,26 @@ def test_installed_unit_passes_systemd_analyze_verify(scratch_install, tmp_path)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
+def test_the_instance_template_is_the_unit_with_its_own_name_and_config(scratch_install):
+    template = (scratch_install / "etc/systemd/system/emotion-agent@.service").read_text().splitlines()
+    unit = UNIT.read_text().splitlines()
+    assert template[3:] == [line.replace("Description=emotion-agent: ", "Description=emotion-agent %i: ")
+                                .replace("--config /etc/emotion-agent/config.yaml", "--config /etc/emotion-agent/%i.yaml")
+                            for line in unit[2:]]
+    assert template[3:] != unit[2:]  # both lines were found and changed
+    assert all(line.startswith("# ") for line in template[:3]) and "emotion-agent@NAME" in template[0]
+
+
+def test_an_instance_of_the_template_passes_systemd_analyze_verify(scratch_install, tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    text = (scratch_install / "etc/systemd/system/emotion-agent@.service").read_text()
+    instance = tmp_path / "emotion-agent@kitchen.service"
+    instance.write_text(text.replace(f"/{INSTALLED_BINARY}", str(scratch_install / INSTALLED_BINARY)))
+    done = subprocess.run(["systemd-analyze", "verify", str(instance)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
 def test_unit_is_hardened_and_watchdogged():
     lines = set(UNIT.read_text().splitlines())
     for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "WatchdogSec=60s", "User=emotion-agent",
@@ -319,14 +339,32 @@ def test_install_refuses_a_bad_config_before_touching_the_unit(tmp_path):
     assert not (root / "etc/systemd/system/emotion-agent.service").exists()
 
 
+def test_install_refuses_a_bad_instance_config_before_touching_the_units(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/emotion-agent").mkdir(parents=True)
+    kitchen = root / "etc/emotion-agent/kitchen.yaml"
+    kitchen.write_text("source: 1\ndetector:\n  interval_s: soon\n")
+    done = install(root)
+    assert done.returncode != 0
+    assert "detector.interval_s" in done.stderr and f"fix {kitchen}" in done.stderr
+    assert not (root / "etc/systemd/system/emotion-agent@.service").exists()
+
+
 def test_uninstall_removes_what_install_added_and_keeps_config_unless_purged(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     assert install(root).returncode == 0
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir()
+    for name in ("emotion-agent.service", "emotion-agent@kitchen.service"):  # as systemctl enable links them
+        (wants / name).symlink_to(f"/etc/systemd/system/{name.replace('kitchen', '')}")
+    (wants / "other.service").symlink_to("/etc/systemd/system/other.service")
     done = run("uninstall.sh", "--root", str(root), "--no-systemctl")
     assert done.returncode == 0, done.stderr
     assert not (root / "opt/emotion-agent").exists()
     assert not (root / "etc/systemd/system/emotion-agent.service").exists()
+    assert not (root / "etc/systemd/system/emotion-agent@.service").exists()
+    assert [p.name for p in wants.iterdir()] == ["other.service"]
     assert sorted(p.name for p in (root / "etc/emotion-agent").iterdir()) == ["config.yaml", "env"]
     assert run("uninstall.sh", "--root", str(root), "--no-systemctl").returncode == 0, "twice must work"
     assert run("uninstall.sh", "--root", str(root), "--no-systemctl", "--purge").returncode == 0
