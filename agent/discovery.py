@@ -63,6 +63,15 @@ class DiscoverySettings:
     support_url: str | None = None  # shown by HA in its log next to the origin, if given
 
 
+def device_name_for(host: str, root: str) -> str:
+    """`Emotion agent <host>`, plus the topic root when it is not the default `emotion-agent/<host>`
+    (the rule config.client_id follows): two agents on one host are two devices, and HA, which
+    makes entity ids from the device name, must not show them under one name nor give the one
+    discovered second ids ending in `_2`."""
+    name = f"Emotion agent {host}"
+    return name if root == f"emotion-agent/{host}" else f"{name} {root}"
+
+
 def node_id_for(client_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", client_id)
 

@@ -21,8 +21,8 @@ from agent.model_files import DEFAULT_DETECTOR_MODEL, DEFAULT_EMOTION_MODEL, mod
 from agent.config import PASSWORD_ENV, Config, client_id, hostname, read_password, topic_root
 from agent.detect import FaceDetector, make_detector
 from agent.detect_ahead import DetectAhead
-from agent.discovery import (DiscoverySettings, birth_topic, discovery_messages, encoded, expire_after_for,
-                             node_id_for)
+from agent.discovery import (DiscoverySettings, birth_topic, device_name_for, discovery_messages, encoded,
+                             expire_after_for, node_id_for)
 from agent.events import Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.mqtt import BrokerSettings, Message, MqttPublisher, Publisher
@@ -75,9 +75,10 @@ def discovery_settings(cfg: Config) -> DiscoverySettings | None:
     m = cfg.mqtt
     if not m.discovery.enabled:
         return None
+    root = topic_root(m)
     return DiscoverySettings(
-        prefix=m.discovery.prefix, node_id=node_id_for(client_id(m)), device_name=f"Emotion agent {hostname()}",
-        topics=Topics(topic_root(m)), state_expire_after_s=expire_after_for(m.summary_interval_s),
+        prefix=m.discovery.prefix, node_id=node_id_for(client_id(m)), device_name=device_name_for(hostname(), root),
+        topics=Topics(root), state_expire_after_s=expire_after_for(m.summary_interval_s),
         stats_expire_after_s=expire_after_for(m.stats_interval_s))
 
 

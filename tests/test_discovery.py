@@ -328,6 +328,35 @@ def test_every_entity_listens_to_a_topic_the_agent_publishes(published, samples)
         assert any(topic_matches_sub(payload["state_topic"], t) for t in samples), topic
 
 
+def slug(text: str) -> str:
+    """HA's slugify, for ASCII text."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def ha_entity_ids(s: discovery.DiscoverySettings) -> set[str]:
+    """The entity ids HA derives from the device and entity names (no object_id or default_entity_id
+    is sent): `<platform>.<slug of device name + entity name>`, a `_2` added when taken."""
+    return {f"{topic.split('/')[1]}.{slug(p['device']['name'] + ' ' + p['name'])}"
+            for topic, p in discovery.discovery_messages(s)}
+
+
+def test_two_agents_on_one_host_are_two_devices_with_names_and_entity_ids_of_their_own():
+    # config.client_id gives an agent with another topic root its own client id, so its own node id
+    # and device; named alike, HA shows two "Emotion agent pi4" and gives the one discovered second
+    # entity ids ending in _2: which camera an automation follows depends on who came first.
+    from agent.config import hostname, load_config
+    from agent.pipeline import discovery_settings
+
+    host = hostname()
+    default = discovery_settings(load_config(None))
+    door = discovery_settings(load_config(None, {"mqtt.topic_prefix": "door/cam"}))
+    named = discovery_settings(load_config(None, {"mqtt.topic_prefix": "door/cam", "mqtt.client_id": "mine"}))
+    assert default.device_name == f"Emotion agent {host}"  # as before: the docs' entity ids hold
+    assert door.device_name == named.device_name == f"Emotion agent {host} door/cam"
+    assert not ha_entity_ids(default) & ha_entity_ids(door)
+    assert f"sensor.emotion_agent_{slug(host)}_door_cam_dominant_emotion" in ha_entity_ids(door)
+
+
 def test_no_entity_name_repeats_the_device_name(published):
     # HA prefixes every MQTT entity's name with its device's (has_entity_name, HA 2023.8); a name
     # equal to or starting with the device name is flagged by HA and shown twice.
