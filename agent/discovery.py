@@ -64,12 +64,16 @@ class DiscoverySettings:
 
 
 def device_name_for(host: str, root: str) -> str:
-    """`Emotion agent <host>`, plus the topic root when it is not the default `emotion-agent/<host>`
-    (the rule config.client_id follows): two agents on one host are two devices, and HA, which
-    makes entity ids from the device name, must not show them under one name nor give the one
-    discovered second ids ending in `_2`."""
-    name = f"Emotion agent {host}"
-    return name if root == f"emotion-agent/{host}" else f"{name} {root}"
+    """`Emotion agent <host>` for the default topic root `emotion-agent/<host>`; for another root, a
+    name of its own (the rule config.client_id follows): two agents on one host are two devices, and
+    HA, which makes entity ids from the device name, must not show them under one name nor give the
+    one discovered second ids ending in `_2`. A root that goes on from the default
+    (`emotion-agent/<host>-kitchen`, as docs/deploy.md suggests for a second camera) is named by what
+    follows `emotion-agent/`; any other gets the host and the root."""
+    default = f"emotion-agent/{host}"
+    if root.startswith(default):
+        return f"Emotion agent {root.removeprefix('emotion-agent/')}"
+    return f"Emotion agent {host} {root}"
 
 
 def node_id_for(client_id: str) -> str:

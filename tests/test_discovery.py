@@ -351,10 +351,14 @@ def test_two_agents_on_one_host_are_two_devices_with_names_and_entity_ids_of_the
     default = discovery_settings(load_config(None))
     door = discovery_settings(load_config(None, {"mqtt.topic_prefix": "door/cam"}))
     named = discovery_settings(load_config(None, {"mqtt.topic_prefix": "door/cam", "mqtt.client_id": "mine"}))
+    kitchen = discovery_settings(load_config(None, {"mqtt.topic_prefix": "emotion-agent/{hostname}-kitchen"}))
     assert default.device_name == f"Emotion agent {host}"  # as before: the docs' entity ids hold
     assert door.device_name == named.device_name == f"Emotion agent {host} door/cam"
+    assert kitchen.device_name == f"Emotion agent {host}-kitchen"  # docs/deploy.md's second camera
     assert not ha_entity_ids(default) & ha_entity_ids(door)
+    assert not ha_entity_ids(default) & ha_entity_ids(kitchen)
     assert f"sensor.emotion_agent_{slug(host)}_door_cam_dominant_emotion" in ha_entity_ids(door)
+    assert f"sensor.emotion_agent_{slug(host)}_kitchen_dominant_emotion" in ha_entity_ids(kitchen)
 
 
 def test_no_entity_name_repeats_the_device_name(published):
