@@ -261,6 +261,9 @@ class Agent:
         # No face until a frame shows one: this replaces whatever an earlier process left retained
         # (a crash, a watchdog restart, a camera absent at boot), which would read as faces in view.
         self._publish_state([])
+        # The same for stats: the last run's would show its camera status and speed, `reconnecting`
+        # after a watchdog restart, until the first stats of this run, a stats interval later.
+        self._publish(self.topics.stats, self.stats_payload(), retain=True)
         window: payloads.SummaryWindow | None = None
         last_state_key = payloads.state_key([])
         next_summary = next_stats = None

@@ -128,6 +128,18 @@ def test_a_camera_outage_loses_the_faces_and_a_face_after_it_is_a_new_one():
     assert outage_stats and all(p["camera"] == "reconnecting" and p["fps"] == 0 for p in outage_stats)
 
 
+def test_the_first_stats_come_before_any_frame_and_replace_what_the_last_run_left(tmp_path):
+    # After a watchdog restart the last run's retained stats said "reconnecting" (and its speed)
+    # for a whole stats interval while the camera worked again.
+    agent = make_agent(tmp_path, 0.1)
+    agent.run()
+    messages = agent.publisher.messages
+    topics = [m.topic for m in messages]
+    first = topics.index("t/agent/stats")
+    assert first < topics.index("t/agent/event/face_appeared")
+    assert messages[first].retain and json.loads(messages[first].payload)["frames"] == 0
+
+
 def test_the_first_state_says_no_face_before_any_frame(tmp_path):
     agent = make_agent(tmp_path, 0.1)
     agent.run()
