@@ -140,16 +140,17 @@ def measure_startup(video: str, config_path: str | None) -> float:
 
 
 def bench_decode(video: str, max_frames: int | None) -> PipelineFigures:
-    cap = cv2.VideoCapture(opencv_file_name(video))
+    # Read as the agent reads (on this thread): a frame that fails to decode mid-video is skipped,
+    # not taken for the end, so the references and the agent go through the same frames.
+    source = VideoFileSource(video)
     frames = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     while not max_frames or frames < max_frames:
-        ok, _ = cap.read()
-        if not ok:
+        if source.read_here() is None:
             break
         frames += 1
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    cap.release()
+    source.close()
     return PipelineFigures(frames=frames, seconds=round(wall, 3), fps=round(frames / wall, 2),
                            cpu_s_per_frame=round(cpu / max(frames, 1), 5))
 
@@ -158,13 +159,13 @@ def bench_classic(video: str, max_frames: int | None) -> PipelineFigures:
     from agent.classic import ClassicPipeline
 
     pipeline = ClassicPipeline()
-    cap = cv2.VideoCapture(opencv_file_name(video))
-    warm_ok, warm = cap.read()
-    if warm_ok:
-        pipeline.model.predict(cv2.resize(cv2.cvtColor(warm, cv2.COLOR_BGR2GRAY), (48, 48))[None, :, :, None] / 255.0,
-                               verbose=0)  # the first predict builds the graph: not part of steady state
-    cap.release()
-    cap = cv2.VideoCapture(opencv_file_name(video))
+    source = VideoFileSource(video)
+    warm = source.read_here()
+    if warm is not None:
+        pipeline.model.predict(cv2.resize(cv2.cvtColor(warm.image, cv2.COLOR_BGR2GRAY), (48, 48))[None, :, :, None]
+                               / 255.0, verbose=0)  # the first predict builds the graph: not part of steady state
+    source.close()
+    source = VideoFileSource(video)  # as bench_decode reads: past a damaged frame
     samples: dict[str, list[float]] = {"decode": [], "detect": [], "classify": []}
     total = min(_frame_count(video) or 0, max_frames or 10 ** 9) or None
     progress = Progress("classic", total)
@@ -172,18 +173,18 @@ def bench_classic(video: str, max_frames: int | None) -> PipelineFigures:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     while not max_frames or frames < max_frames:
         t = time.perf_counter()
-        ok, frame = cap.read()
-        if not ok:
+        frame = source.read_here()
+        if frame is None:
             break
         samples["decode"].append(time.perf_counter() - t)
-        _, detect_s, classify_s = pipeline.process(frame)
+        _, detect_s, classify_s = pipeline.process(frame.image)
         samples["detect"].append(detect_s)
         samples["classify"].append(classify_s)
         frames += 1
         progress.update()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     progress.close()
-    cap.release()
+    source.close()
     return PipelineFigures(frames=frames, seconds=round(wall, 3), fps=round(frames / wall, 2),
                            cpu_s_per_frame=round(cpu / max(frames, 1), 5), latency_ms=_latencies(samples))
 

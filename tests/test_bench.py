@@ -9,6 +9,7 @@ import cv2
 import pytest
 
 from agent.cli import main
+from tests.test_capture import damage_frames, write_video
 from tests.test_end_to_end import still_video
 
 
@@ -49,6 +50,22 @@ def test_bench_max_frames_stops_early(tmp_path, capsys):
     video = still_video(tmp_path / "clip.avi", seconds=3)
     assert main(["bench", str(video), "--no-classic", "--no-decode", "--max-frames", "7", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["agent"]["frames"] == 7
+
+
+def test_a_damaged_frame_mid_video_is_skipped_by_decode_only_as_by_the_agent(tmp_path, capsys):
+    # Decode only stopped at the frame that failed to decode: 12 frames against the agent's 29.
+    video = damage_frames(write_video(tmp_path / "clip.avi", frames=30), [12])
+    assert main(["bench", str(video), "--no-classic", "--rounds", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["agent"]["frames"] == report["decode_only"]["frames"] == 29
+
+
+def test_a_damaged_frame_mid_video_is_skipped_by_the_classic_reference(tmp_path):
+    pytest.importorskip("tensorflow")
+    from agent.bench import bench_classic
+
+    video = damage_frames(write_video(tmp_path / "clip.avi", frames=30), [12])
+    assert bench_classic(str(video), None).frames == 29  # it stopped at 12
 
 
 BAD_BENCH_INPUTS = [
