@@ -91,6 +91,10 @@ def camera_device_missing(kind: str, target: int | str) -> bool:
 
 
 def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
+    """The image in file `path`, or None where there is none to decode: not a file (a named pipe
+    would have OpenCV wait for a writer, forever), or not an image OpenCV reads."""
+    if not os.path.isfile(path):
+        return None
     try:
         return _read_image(path, flags)
     except cv2.error as exc:

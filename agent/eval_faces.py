@@ -12,6 +12,7 @@ cascade's are about 1.2 times as wide, and one of its true faces overlaps its ma
 from __future__ import annotations
 
 import math
+import os
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -48,8 +49,12 @@ def _box(element: ET.Element, xml_path: Path) -> Box:
 def parse_imglab(xml_path: Path) -> list[MarkedImage]:
     """Images and their boxes (`<box top left width height>`, `ignore='1'` skipped)."""
     try:
+        if os.path.exists(xml_path) and not os.path.isfile(xml_path):  # a named pipe would wait for a writer
+            raise SourceError(f"cannot read imglab XML {xml_path}: not a file")
         root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError, LookupError) as exc:  # LookupError: an unknown encoding="..."
+    except OSError as exc:
+        raise SourceError(f"cannot read imglab XML {xml_path}: {exc.strerror or exc}") from None
+    except (ET.ParseError, LookupError) as exc:  # LookupError: an unknown encoding="..."
         raise SourceError(f"cannot read imglab XML {xml_path}: {exc}") from None
     images = []
     for image in root.iter("image"):

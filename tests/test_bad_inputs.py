@@ -250,3 +250,36 @@ def test_a_usage_error_is_one_line_that_points_to_help(args, says):
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1, lines  # argparse's own error is the usage block, then the reason
     assert lines[0].startswith(says) and lines[0].endswith("--help)"), lines
+
+
+def _gray_png(path: Path, size=(48, 48)) -> Path:
+    import cv2
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((size[1], size[0]), 128, np.uint8))
+    return path
+
+
+def test_a_named_pipe_among_evals_faces_is_skipped_without_waiting_for_a_writer(tmp_path):
+    # OpenCV opened it and waited for a writer: eval hung, silently, for ever.
+    _gray_png(tmp_path / "faces" / "happy" / "a.png")
+    os.mkfifo(tmp_path / "faces" / "happy" / "b.png")
+    result = agent("eval", str(tmp_path / "faces"), "--json", timeout=30)
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert (report["count"], report["unreadable"]) == (1, 1)
+
+
+@pytest.mark.parametrize("pipe, message", [
+    ("marks.xml", "cannot read imglab XML {tmp}/marks.xml: not a file"),
+    ("a.png", "cannot read image {tmp}/a.png named in the XML"),
+])
+def test_a_named_pipe_for_eval_faces_is_refused_without_waiting_for_a_writer(tmp_path, pipe, message):
+    # The XML parser, or OpenCV for an image the XML names, waited for a writer, for ever.
+    (tmp_path / "marks.xml").write_text("<dataset><images><image file='a.png'/></images></dataset>")
+    (tmp_path / pipe).unlink(missing_ok=True)
+    os.mkfifo(tmp_path / pipe)
+    result = agent("eval", "--faces", str(tmp_path / "marks.xml"), timeout=30)
+    assert result.returncode == 4
+    assert one_line_error(result).endswith(message.format(tmp=tmp_path))
