@@ -99,9 +99,12 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
     for folder in folders:
         files = sorted(p for p in _listing(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in files[:limit] if limit is not None else files:
-            image = read_image(path, cv2.IMREAD_GRAYSCALE)
+            try:
+                image, why = read_image(path, cv2.IMREAD_GRAYSCALE), f"cannot read {path}"
+            except SourceError as exc:  # over OpenCV's pixel limit: that file is skipped, not the run
+                image, why = None, str(exc)
             if image is None:
-                logger.warning("cannot read %s; skipped", path)
+                logger.warning("%s; skipped", why)
                 unreadable.append(str(path))
                 continue
             faces.append(image)

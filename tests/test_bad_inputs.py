@@ -283,3 +283,27 @@ def test_a_named_pipe_for_eval_faces_is_refused_without_waiting_for_a_writer(tmp
     result = agent("eval", "--faces", str(tmp_path / "marks.xml"), timeout=30)
     assert result.returncode == 4
     assert one_line_error(result).endswith(message.format(tmp=tmp_path))
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A small PNG file whose header claims `width` x `height` pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(width + 1)))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_over_opencvs_pixel_limit_is_skipped_by_eval_not_the_end_of_it(tmp_path):
+    # One such file among thousands ended the whole eval with exit 4; others it cannot read are skipped.
+    _gray_png(tmp_path / "faces" / "happy" / "a.png")
+    (tmp_path / "faces" / "happy" / "huge.png").write_bytes(png_header_claiming(40000, 40000))
+    result = agent("eval", str(tmp_path / "faces"), "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert (report["count"], report["unreadable"]) == (1, 1)
+    assert "huge.png: OpenCV refused it" in result.stderr.decode()
