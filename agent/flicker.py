@@ -158,7 +158,7 @@ def held_windows(sequences: Sequences, *, frame_interval: float,
         start = 0
         while start < len(frames):
             t0 = frames[start][0]
-            end = start
+            end = start + 1  # one frame at least: one alone spans hold_s where frames are over 2 * hold_s apart
             while end < len(frames) and frames[end][0] < t0 + hold_s - frame_interval / 2:
                 end += 1
             if end >= len(frames):

@@ -59,6 +59,14 @@ def test_whole_number_boolean_and_null_settings_can_be_set(clip):
     assert "dwell_s=0.5" in done.stdout and f"{clip}: 3 frames" in done.stdout
 
 
+@pytest.mark.parametrize("args", [["--every", "25"], ["--hold-s", "0.01", "--every", "3"]])
+def test_frames_further_apart_than_twice_hold_s_are_measured(clip, args):
+    # A held window then had no frame in it: ZeroDivisionError, with a traceback.
+    done = flicker(clip, *args)
+    assert done.returncode == 0, done.stderr
+    assert "spliced held windows" in done.stdout
+
+
 BAD_FLICKER_INPUTS = [
     (["{clip}", "--hold-s", "-1"], "argument --hold-s: expected a finite number above 0, got -1"),
     (["{clip}", "--hold-s", "nan"], "argument --hold-s: expected a finite number above 0, got nan"),
