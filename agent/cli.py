@@ -291,26 +291,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
-        code = handler(args)
-        if sys.stdout is not None:  # None when started with stdout closed
-            sys.stdout.flush()  # here, where a failure is still ours to report
-        return code
-    except AgentError as exc:
-        print(f"emotion-agent: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return flushed(handler(args))
     except KeyboardInterrupt:  # also during start-up, while the imports run
         return 130
-    except OSError as exc:
-        # What the system refused where no check looked: a full disk, a name too long.
+    except Exception as exc:
+        return report_error(exc)
+
+
+def flushed(code: int) -> int:
+    """`code`, once stdout is flushed: here, where a failure is still ours to report."""
+    if sys.stdout is not None:  # None when started with stdout closed
+        sys.stdout.flush()
+    return code
+
+
+def report_error(exc: Exception) -> int:
+    """`exc` as one line on stderr, and the exit code for it (also for python -m agent.flicker)."""
+    if isinstance(exc, AgentError):
+        print(f"emotion-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        # What the system refused where no check looked: a full disk, a name too long, a closed pipe.
         _silence_stdout()
         name = f"{exc.filename}: " if exc.filename else ""
         print(f"emotion-agent: error: {name}{exc.strerror or exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # a bug: one line that says where, rather than a traceback
-        logger.debug("the error's traceback", exc_info=exc)  # with --log-level debug, for a report
-        print(f"emotion-agent: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              f"({_where(exc)}); please report it", file=sys.stderr)
-        return 1
+    # A bug: one line that says where, rather than a traceback.
+    logger.debug("the error's traceback", exc_info=exc)  # with --log-level debug, for a report
+    print(f"emotion-agent: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+          f"({_where(exc)}); please report it", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

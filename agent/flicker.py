@@ -40,7 +40,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from agent.errors import AgentError, ConfigError
+from agent.cli import flushed, report_error
+from agent.errors import ConfigError
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.progress import Progress
@@ -401,10 +402,12 @@ def format_pooled(runs: Sequence[RunFigures]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        return flushed(_main(argv))
     except KeyboardInterrupt:  # Ctrl-C: the reports printed so far stand, and no traceback
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # one line and the exit code the emotion-agent command gives
+        return report_error(exc)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -432,16 +435,12 @@ def _main(argv: Sequence[str] | None) -> int:
     # INFO for agent.progress's periodic lines when stderr is not a terminal; the rest stays quiet.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.progress").setLevel(logging.INFO)
-    try:
-        cfg = load_config(args.config, dict(parse_setting(item) for item in args.set))
-        from agent.capture import check_video_file
+    cfg = load_config(args.config, dict(parse_setting(item) for item in args.set))
+    from agent.capture import check_video_file
 
-        for video in args.videos:  # every one, before minutes of measuring the first
-            check_video_file(video, "flicker")
-        return _run(args, cfg)
-    except AgentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    for video in args.videos:  # every one, before minutes of measuring the first
+        check_video_file(video, "flicker")
+    return _run(args, cfg)
 
 
 def parse_setting(item: str) -> tuple[str, object]:

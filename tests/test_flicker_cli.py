@@ -92,6 +92,25 @@ def test_flicker_bad_input_is_one_line_before_any_measuring(tmp_path, clip, args
     assert done.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("args, code", [
+    (["{clip}", "--set", "bogus=1"], 2),          # a ConfigError, as emotion-agent's commands exit
+    (["{tmp}/missing.avi"], 4),                    # a SourceError
+])
+def test_flicker_errors_are_worded_and_numbered_as_emotion_agents(tmp_path, clip, args, code):
+    # They read "error: ..." and all exited 1.
+    done = flicker(*(a.format(tmp=tmp_path, clip=clip) for a in args))
+    assert done.returncode == code
+    assert done.stderr.startswith("emotion-agent: error: ") and done.stderr.count("\n") == 1
+
+
+def test_a_reader_that_stops_early_is_one_line_not_a_traceback(clip):
+    # `| head -1`: the print that met the closed pipe ended in a BrokenPipeError traceback.
+    done = subprocess.run(f"{sys.executable} -m agent.flicker {clip} | true", shell=True, capture_output=True,
+                          text=True, timeout=120)
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == "emotion-agent: error: Broken pipe"
+
+
 @pytest.mark.parametrize("after", [
     "INFO agent.progress: clip.avi: 1/",  # measuring the first pass
     "spliced held windows",               # its report printed; measuring the noise runs
