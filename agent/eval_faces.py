@@ -118,6 +118,10 @@ def evaluate_detector(xml_paths: Sequence[Path], detector: FaceDetector) -> Face
         if marked.path.resolve() not in seen:
             seen.add(marked.path.resolve())
             images.append(marked)
+    missing = [m.path for m in images if not m.path.is_file()]
+    if missing:  # now, before any image is detected
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SourceError(f"cannot read image {missing[0]} named in the XML: not a file{more}")
     faces = detections = 0
     hits = {t: 0 for t in IOU_THRESHOLDS}
     seconds = 0.0
@@ -125,6 +129,11 @@ def evaluate_detector(xml_paths: Sequence[Path], detector: FaceDetector) -> Face
         frame = read_image(marked.path)
         if frame is None:
             raise SourceError(f"cannot read image {marked.path} named in the XML")
+        height, width = frame.shape[:2]
+        for box in marked.boxes:  # no detection can match it: it would count as a face missed
+            if box.x >= width or box.y >= height or box.x2 <= 0 or box.y2 <= 0:
+                raise SourceError(f"a <box> (left {box.x:g}, top {box.y:g}, width {box.w:g}, height {box.h:g}) "
+                                  f"lies wholly outside its image {marked.path} ({width}x{height})")
         start = time.perf_counter()
         found = [(d.box, d.score) for d in detector.detect(frame)]
         seconds += time.perf_counter() - start

@@ -132,3 +132,44 @@ def test_haar_boxes_are_looser_than_dlibs_marks(dlib_xmls):
     result = evaluate_detector(dlib_xmls, HaarDetector(1.3, 5, 30))
     assert result.recall(0.3) >= 0.7 and result.precision(0.3) >= 0.95
     assert result.true_positives[0.3] > result.true_positives[0.5]
+
+
+class CountingDetector(ScriptedDetector):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def detect(self, image_bgr):
+        self.calls += 1
+        return []
+
+
+def test_an_image_missing_from_the_xml_is_found_before_any_is_detected(tmp_path):
+    # It was found on reaching it, after detecting every image before it: minutes on a large set.
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((48, 64, 3), np.uint8))
+    (tmp_path / "marks.xml").write_text(imglab("<image file='a.png'/><image file='gone.png'/>"))
+    detector = CountingDetector()
+    with pytest.raises(SourceError, match=f"^cannot read image {tmp_path}/gone.png named in the XML: not a file$"):
+        evaluate_detector([tmp_path / "marks.xml"], detector)
+    assert detector.calls == 0
+
+
+@pytest.mark.parametrize("box", [
+    "top='-50' left='-50' width='30' height='30'",   # above and left of it
+    "top='10' left='64' width='30' height='30'",     # starts at its right edge
+    "top='48' left='0' width='30' height='30'",      # starts at its bottom edge
+])
+def test_a_box_wholly_outside_its_image_is_a_source_error(tmp_path, box):
+    # It was counted as a face the detector missed: recall fell, and nothing said why.
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((48, 64, 3), np.uint8))
+    (tmp_path / "marks.xml").write_text(imglab(f"<image file='a.png'><box {box}/></image>"))
+    with pytest.raises(SourceError, match=f"lies wholly outside its image {tmp_path}/a.png \\(64x48\\)$"):
+        evaluate_detector([tmp_path / "marks.xml"], ScriptedDetector())
+
+
+def test_a_box_partly_outside_its_image_is_kept(tmp_path):
+    # imglab marks a face cut by the frame's edge past it: such a mark is a face to find.
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((48, 64, 3), np.uint8))
+    (tmp_path / "marks.xml").write_text(imglab("<image file='a.png'><box top='-10' left='50' width='30' "
+                                               "height='30'/></image>"))
+    assert evaluate_detector([tmp_path / "marks.xml"], ScriptedDetector()).faces == 1
