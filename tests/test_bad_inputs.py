@@ -273,7 +273,7 @@ def test_a_named_pipe_among_evals_faces_is_skipped_without_waiting_for_a_writer(
 
 @pytest.mark.parametrize("pipe, message", [
     ("marks.xml", "cannot read imglab XML {tmp}/marks.xml: not a file"),
-    ("a.png", "cannot read image {tmp}/a.png named in the XML"),
+    ("a.png", "cannot read image {tmp}/a.png named in the XML: not a file"),
 ])
 def test_a_named_pipe_for_eval_faces_is_refused_without_waiting_for_a_writer(tmp_path, pipe, message):
     # The XML parser, or OpenCV for an image the XML names, waited for a writer, for ever.
