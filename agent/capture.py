@@ -8,6 +8,7 @@ end of file.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -83,6 +84,17 @@ def opencv_file_name(path: str) -> str:
     """The name to hand OpenCV for a file the user named: absolute, or FFmpeg takes what comes
     before a colon (`cam1-12:30.mp4`) for a protocol and cannot open it; with ~ expanded."""
     return os.path.abspath(os.path.expanduser(path))
+
+
+def is_stream(target: int | str) -> bool:
+    return isinstance(target, str) and "://" in target
+
+
+def open_stream(url: str, timeout_s: float) -> cv2.VideoCapture:
+    """A capture of a stream URL whose opening and each read give up after `timeout_s`. Without it
+    FFmpeg waits 30 s for a stream that stalls with its connection open, as a camera on Wi-Fi does."""
+    ms = round(timeout_s * 1000)
+    return cv2.VideoCapture(url, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
 
 
 def camera_device_missing(kind: str, target: int | str) -> bool:
@@ -311,20 +323,26 @@ class LiveSource:
 
     A slow consumer never falls behind the camera: frames it had no time for are counted as
     dropped. A failed read reopens the device with exponential backoff, forever, so an unplugged
-    USB camera or a restarted RTSP server comes back by itself.
+    USB camera or a restarted RTSP server comes back by itself; a stream that sends nothing for
+    `stall_timeout_s` counts as failed.
     """
 
     live = True
     still = False
+    # How long `close` waits for the capture thread. One blocked on a stalled stream is not waited
+    # for: its read gives up at the stall timeout, and the thread then releases the capture and
+    # ends, while a stop (systemd allows it 10 s) or a reload has gone on.
+    CLOSE_WAIT_S = 1.0
 
     def __init__(self, target: int | str, *, width: int | None = None, height: int | None = None,
                  fps: float | None = None, retry_initial_s: float = 1.0, retry_max_s: float = 30.0,
-                 open_capture=None):
+                 stall_timeout_s: float = 10.0, open_capture=None):
         self._target = target
         self._props = {cv2.CAP_PROP_FRAME_WIDTH: width, cv2.CAP_PROP_FRAME_HEIGHT: height, cv2.CAP_PROP_FPS: fps}
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
-        self._open_capture = open_capture or cv2.VideoCapture
+        self._open_capture = open_capture or (functools.partial(open_stream, timeout_s=stall_timeout_s)
+                                              if is_stream(target) else cv2.VideoCapture)
         self._cond = threading.Condition()
         self._latest: np.ndarray | None = None
         self._latest_index = -1
@@ -350,7 +368,7 @@ class LiveSource:
 
     def _set_status(self, status: str, why: str = "") -> None:
         if status != self._status:
-            what = "stream" if isinstance(self._target, str) and "://" in self._target else "camera"
+            what = "stream" if is_stream(self._target) else "camera"
             logger.log(logging.WARNING if status != "ok" else logging.INFO, "%s %s: %s%s", what,
                        redact_url(str(self._target)), status,
                        f" ({why}; retrying with backoff up to every {self._retry_max:g} s)" if why else "")
@@ -426,7 +444,7 @@ class LiveSource:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=self.CLOSE_WAIT_S)
 
 
 # OpenCV takes a C int; beyond it, its capture thread dies on the conversion.
@@ -532,5 +550,6 @@ def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool 
     options = {}
     if camera is not None:
         options = dict(width=camera.width, height=camera.height, fps=camera.fps,
-                       retry_initial_s=camera.retry_initial_s, retry_max_s=camera.retry_max_s)
+                       retry_initial_s=camera.retry_initial_s, retry_max_s=camera.retry_max_s,
+                       stall_timeout_s=camera.stall_timeout_s)
     return LiveSource(target, **options)

@@ -60,6 +60,9 @@ class CameraConfig:
                                     max=3600)
     retry_max_s: float = setting(30.0, "Longest wait between reopen attempts (the wait doubles up to this).", min=0.05,
                                 max=3600)
+    stall_timeout_s: float = setting(
+        10.0, "A stream (rtsp://, http://) that sends nothing for this long, or takes longer to open, is taken "
+        "for lost and reopened (a camera on Wi-Fi can stall with its connection open).", min=0.5, max=3600)
 
 
 @dataclass(frozen=True, slots=True)

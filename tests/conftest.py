@@ -158,6 +158,23 @@ def subscriber_factory():
         sub.stop()
 
 
+@pytest.fixture
+def mjpeg_server():
+    """Starts MJPEG-over-HTTP servers as an ESP32-CAM serves them (tests/mjpeg_server.py); closed after the test."""
+    from tests.mjpeg_server import MjpegServer
+
+    made = []
+
+    def make(frames, **kwargs) -> MjpegServer:
+        server = MjpegServer(frames, **kwargs)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -314,3 +314,92 @@ def test_a_video_can_start_at_a_frame_with_its_own_indexes_and_times(tmp_path):
     assert frames[0].timestamp == pytest.approx(1.2)
     # The pixels are those of frame 12 (each frame of the clip has its own grey level).
     assert int(frames[0].image[0, 0, 0]) == pytest.approx((12 * 8) % 256, abs=3)
+
+
+# --- a live MJPEG stream over HTTP, served as an ESP32-CAM serves it ---------------------------------
+
+def wait_until(predicate, timeout: float) -> float:
+    """Seconds until `predicate()` held; AssertionError past `timeout`."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "timed out"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def face_jpeg() -> bytes:
+    from tests.conftest import astronaut_bgr
+    from tests.mjpeg_server import jpeg
+
+    return jpeg(astronaut_bgr())
+
+
+def frame_from(source: LiveSource, timeout: float = 5.0):
+    frame = source.read(timeout=timeout)
+    assert frame is not None, f"no frame in {timeout} s (status {source.status()})"
+    return frame
+
+
+@pytest.mark.parametrize("content_length", [True, False])
+def test_an_esp32_mjpeg_stream_is_read_with_or_without_content_length(mjpeg_server, content_length):
+    server = mjpeg_server([face_jpeg()], fps=20, content_length=content_length)
+    source = LiveSource(server.url)
+    try:
+        frames = [frame_from(source) for _ in range(5)]
+    finally:
+        source.close()
+    assert all(f.image.shape == (512, 512, 3) for f in frames)
+    assert frames[-1].index > frames[0].index and source.status() == "ok" and source.corrupt() == 0
+
+
+def test_a_stream_that_stalls_with_its_connection_open_is_reported_and_reopened(mjpeg_server, caplog):
+    # FFmpeg's read waited 30 s on a stalled stream, and all that while the camera showed "ok".
+    server = mjpeg_server([face_jpeg()], fps=20)
+    with caplog.at_level(logging.INFO, logger="agent.capture"):
+        source = LiveSource(server.url, retry_initial_s=0.05, retry_max_s=0.2, stall_timeout_s=1)
+        try:
+            frame_from(source)
+            server.stall()
+            assert wait_until(lambda: source.status() == "reconnecting", timeout=5) < 3
+            server.resume()
+            frame_from(source)
+            assert source.status() == "ok" and server.connections >= 2
+        finally:
+            source.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert [line for line in said if "reconnecting" in line] == [
+        f"stream {server.url}: reconnecting (it stopped giving frames; retrying with backoff up to every 0.2 s)"]
+    assert said[-1] == f"stream {server.url}: ok"
+
+
+def test_closing_a_source_blocked_in_a_stalled_read_does_not_wait_for_the_read(mjpeg_server):
+    # It waited 5 s, so a SIGTERM took longer than that to end the daemon.
+    server = mjpeg_server([face_jpeg()], fps=20)
+    source = LiveSource(server.url, stall_timeout_s=30)
+    frame_from(source)
+    server.stall()
+    time.sleep(0.3)  # the capture thread is now in a read that waits for the stream
+    started = time.monotonic()
+    source.close()
+    assert time.monotonic() - started < 2
+    assert source.read(timeout=0.1) is None
+
+
+def test_a_stream_that_reboots_comes_back_with_one_line_each_way(mjpeg_server, caplog):
+    server = mjpeg_server([face_jpeg()], fps=20)
+    with caplog.at_level(logging.INFO, logger="agent.capture"):
+        source = LiveSource(server.url, retry_initial_s=0.1, retry_max_s=0.4)
+        try:
+            first = frame_from(source)
+            server.down()  # connection reset, then refused
+            wait_until(lambda: source.status() == "reconnecting", timeout=5)
+            time.sleep(1.5)  # several refused reopens
+            server.up()
+            assert wait_until(lambda: source.status() == "ok", timeout=5) < 1.5  # the wait is at most retry_max_s
+            assert frame_from(source).index > first.index
+        finally:
+            source.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"stream {server.url}: ok",
+                    f"stream {server.url}: reconnecting (it stopped giving frames; retrying with backoff up to every 0.4 s)",
+                    f"stream {server.url}: ok"]

@@ -388,3 +388,44 @@ def test_a_reload_during_a_file_run_goes_on_from_where_it_was(broker, subscriber
     summaries = [json.loads(p) for t, p, _ in sub.all if t == "life/agent/summary"]
     assert len(summaries) >= 2  # one closing each agent's run
     assert sum(s["window"]["frames"] for s in summaries) == 60
+
+
+def test_a_stalled_mjpeg_stream_is_reported_its_faces_lost_and_it_comes_back(broker, subscriber_factory, mjpeg_server,
+                                                                            tmp_path):
+    # An ESP32-CAM on Wi-Fi stalls with its connection open: the stats said "ok" for 30 s, and a
+    # SIGTERM while the capture waited on it took over 5 s.
+    from tests.conftest import astronaut_bgr
+    from tests.mjpeg_server import jpeg
+
+    server = mjpeg_server([jpeg(astronaut_bgr())], fps=10)
+    config = tmp_path / "config.yaml"
+    config.write_text("mqtt:\n  stats_interval_s: 1\n"
+                      "camera:\n  retry_initial_s: 0.2\n  retry_max_s: 0.5\n  stall_timeout_s: 1.5\n")
+    sub = subscriber_factory(broker.port, "life/agent/#")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), "--source", server.url,
+                             "--mqtt-port", str(broker.port), "--topic-prefix", "life/agent", "--log-level", "info"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared", timeout=60)
+        time.sleep(1)
+        before = len(sub.all)
+        stalled = time.monotonic()
+        server.stall()
+
+        def since_the_stall(m) -> bool:
+            return sub.all.index(m) >= before
+
+        sub.wait_for(lambda m: m[0] == "life/agent/event/face_lost" and since_the_stall(m), timeout=5)
+        sub.wait_for(lambda m: m[0] == "life/agent/state" and b'"faces_in_view":0' in m[1] and since_the_stall(m))
+        sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1], timeout=10)
+        assert time.monotonic() - stalled < 5
+        server.resume()
+        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and since_the_stall(m), timeout=10)
+        server.stall()
+        time.sleep(0.5)  # the capture thread waits in a read
+        code, took, err = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0 and took < 5.0, err
+    assert err.count("reconnecting (it stopped giving frames") == 1 and err.count(f"stream {server.url}: ok") == 2, err

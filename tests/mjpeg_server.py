@@ -1,0 +1,181 @@
+"""A real MJPEG-over-HTTP server in the way an ESP32-CAM serves one (`/stream`,
+multipart/x-mixed-replace, one JPEG per part, chunked), that a test can stall, reboot or make send a
+damaged part. Also a command, to point the agent at by hand:
+
+    python tests/mjpeg_server.py PORT photo.jpg|video.mp4 [FPS]
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import sys
+import threading
+import time
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+BOUNDARY = "123456789000000000000987654321"  # the ESP32-CAM web server's
+
+
+def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return data.tobytes()
+
+
+def video_jpegs(path: str, limit: int = 60, step: int = 1) -> list[bytes]:
+    """The first `limit` frames (every `step`th) of a video, as JPEGs."""
+    cap = cv2.VideoCapture(path)
+    frames = []
+    index = 0
+    while len(frames) < limit:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if index % step == 0:
+            frames.append(jpeg(image))
+        index += 1
+    cap.release()
+    return frames
+
+
+class MjpegServer:
+    """Serves `frames` in a loop at `fps` to every client of /stream, on a port of its own that
+    stays the same across `reboot`s.
+
+    `stall()`: every connection stays open and sends nothing more, until `resume()`.
+    `reboot(down_s)`: every connection is closed and the port refuses for `down_s`.
+    `send_next(data)`: the next part each client gets carries `data` instead of a frame.
+    """
+
+    def __init__(self, frames: Sequence[bytes], fps: float = 10.0, *, content_length: bool = True,
+                 chunked: bool = True, port: int = 0):
+        self.frames = list(frames)
+        self.fps = fps
+        self.content_length = content_length
+        self.chunked = chunked
+        self.sent = 0  # parts sent, over every connection
+        self.connections = 0
+        self._running = threading.Event()  # cleared while stalled
+        self._running.set()
+        self._injected: list[bytes] = []
+        self._lock = threading.Lock()
+        self._clients: set[socket.socket] = set()
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self.port = port
+        self._listen()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream"
+
+    def _listen(self) -> None:
+        owner = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                owner._serve(self.request)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def _write(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def _serve(self, conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            got = conn.recv(4096)
+            if not got:
+                return
+            request += got
+        with self._lock:
+            self._clients.add(conn)
+            self.connections += 1
+        try:
+            if not request.startswith(b"GET /stream "):
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            conn.sendall(("HTTP/1.1 200 OK\r\n"
+                          f"Content-Type: multipart/x-mixed-replace;boundary={BOUNDARY}\r\n"
+                          + ("Transfer-Encoding: chunked\r\n" if self.chunked else "")
+                          + "Access-Control-Allow-Origin: *\r\n\r\n").encode())
+            index = 0
+            while True:
+                self._running.wait()
+                with self._lock:
+                    body = self._injected.pop(0) if self._injected else self.frames[index % len(self.frames)]
+                index += 1
+                head = "Content-Type: image/jpeg\r\n"
+                if self.content_length:
+                    head += f"Content-Length: {len(body)}\r\n"
+                self._write(conn, f"\r\n--{BOUNDARY}\r\n{head}\r\n".encode())
+                self._write(conn, body)
+                self.sent += 1
+                time.sleep(1.0 / self.fps)
+        except OSError:
+            pass  # the client went, or a reboot closed the connection
+        finally:
+            with self._lock:
+                self._clients.discard(conn)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def send_next(self, data: bytes) -> None:
+        with self._lock:
+            self._injected.append(data)
+
+    def stall(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def _drop_clients(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients), set()
+        for conn in clients:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def down(self) -> None:
+        """Every connection reset, the port closed (connection refused) until `up()`."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self._drop_clients()
+        self._running.set()
+
+    def up(self) -> None:
+        self._listen()
+
+    def reboot(self, down_s: float) -> None:
+        self.down()
+        time.sleep(down_s)
+        self.up()
+
+    def close(self) -> None:
+        self._running.set()
+        self.down()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: python tests/mjpeg_server.py PORT photo.jpg|video.mp4 [FPS]")
+    still = cv2.imread(sys.argv[2])
+    frames = [jpeg(still)] if still is not None else video_jpegs(sys.argv[2], limit=300)
+    server = MjpegServer(frames, float(sys.argv[3]) if len(sys.argv) == 4 else 10.0, port=int(sys.argv[1]))
+    print(f"serving {len(frames)} frame(s) at {server.url}", flush=True)
+    threading.Event().wait()
