@@ -69,6 +69,14 @@ def _truncated_jpeg(path: str) -> bool:
     return b"\xff\xd9" not in tail  # a whole JPEG ends with its EOI marker (padding may follow)
 
 
+def decoded_jpeg(data: np.ndarray) -> np.ndarray | None:
+    """One JPEG of a stream, decoded; None if it is damaged: not a JPEG, or cut short (which libjpeg
+    and FFmpeg would show with its lower part grey)."""
+    if data.size < 4 or b"\xff\xd9" not in data.ravel()[-64:].tobytes():
+        return None
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
 def put_until_stopped(q: queue.Queue, item, stop: threading.Event) -> bool:
     """Put `item` in a bounded queue, waiting for room but not past `stop`; False if stopped."""
     while not stop.is_set():
@@ -366,6 +374,14 @@ class LiveSource:
                 cap.set(prop, value)
         return cap
 
+    def _hands_over_jpegs(self, cap: cv2.VideoCapture) -> bool:
+        """Whether `cap`, an MJPEG stream (an ESP32-CAM's, an IP camera's http one), now gives its
+        JPEGs undecoded, to be decoded here: FFmpeg scales every frame to the size of the first (a
+        frame size changed in the camera's web page came out squashed to the old one, until a
+        reconnect) and hands out a JPEG cut short with its lower part grey."""
+        return (is_stream(self._target) and int(cap.get(cv2.CAP_PROP_FOURCC)) == cv2.VideoWriter_fourcc(*"MJPG")
+                and cap.set(cv2.CAP_PROP_FORMAT, -1))
+
     def _set_status(self, status: str, why: str = "") -> None:
         if status != self._status:
             what = "stream" if is_stream(self._target) else "camera"
@@ -386,8 +402,11 @@ class LiveSource:
                 delay = min(delay * 2, self._retry_max)
                 continue
             failures = 0
+            jpegs = self._hands_over_jpegs(cap)
             while not self._stop.is_set():
                 ok, image = cap.read()
+                if ok and jpegs:
+                    image = decoded_jpeg(image)
                 if not ok:
                     failures += 1
                     # A few failed reads in a row mean the device or stream is gone.
@@ -397,6 +416,7 @@ class LiveSource:
                 if not _valid_frame(image):
                     self._corrupt += 1
                     continue
+                self._corrupt += failures  # reads that failed between good frames: damaged ones, skipped
                 failures = 0
                 delay = self._retry_initial
                 if self._status != "ok":

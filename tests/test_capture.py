@@ -403,3 +403,49 @@ def test_a_stream_that_reboots_comes_back_with_one_line_each_way(mjpeg_server, c
     assert said == [f"stream {server.url}: ok",
                     f"stream {server.url}: reconnecting (it stopped giving frames; retrying with backoff up to every 0.4 s)",
                     f"stream {server.url}: ok"]
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda good: good[: len(good) // 3], id="cut-short"),  # was handed out with its lower part grey
+    pytest.param(lambda good: bytes(range(256)) * 20, id="not-a-jpeg"),  # was skipped, but not counted
+])
+def test_damaged_parts_of_a_stream_are_skipped_and_counted(mjpeg_server, damage):
+    good = face_jpeg()
+    server = mjpeg_server([good], fps=20)
+    source = LiveSource(server.url)
+    try:
+        frame_from(source)
+        for _ in range(2):
+            server.send_next(damage(good))
+        sent = server.sent
+        wait_until(lambda: server.sent > sent + 5, timeout=5)
+        after = frame_from(source)
+        assert source.corrupt() == 2
+        whole = cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_COLOR)
+        assert np.array_equal(after.image, whole)
+        assert source.status() == "ok" and server.connections == 1  # the same connection goes on
+    finally:
+        source.close()
+
+
+def test_a_stream_whose_frame_size_changes_gives_frames_of_the_new_size(mjpeg_server):
+    # FFmpeg scaled every frame to the first one's size: a camera switched to a wider frame size
+    # in its web page came out squashed, until the next reconnect.
+    from tests.conftest import astronaut_bgr
+    from tests.mjpeg_server import jpeg
+
+    photo = astronaut_bgr()
+    wide = np.hstack([photo, photo[:, ::-1]])
+    server = mjpeg_server([jpeg(photo)], fps=20)
+    source = LiveSource(server.url)
+    try:
+        assert frame_from(source).image.shape == (512, 512, 3)
+        server.frames = [jpeg(wide)]
+        sent = server.sent
+        wait_until(lambda: server.sent > sent + 3, timeout=5)
+        after = frame_from(source)
+    finally:
+        source.close()
+    assert after.image.shape == (512, 1024, 3)
+    assert np.abs(after.image.astype(int) - wide).mean() < 3  # the picture as sent, not scaled
+    assert server.connections == 1
