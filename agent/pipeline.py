@@ -285,8 +285,11 @@ class Agent:
                 self.notifier.status(f"camera {self.source.status()}")
                 # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a live
                 # source's frame times are monotonic): a face seen after the outage is a new one. A
-                # source slower than the gap is waited for twice its interval.
-                lost = self.tracker.expire(time.monotonic(), self.times.stalled_after(self.cfg.tracking.max_gap_s))
+                # source slower than the gap is waited for twice its interval. One the source says is
+                # away is not: after a single frame no rate is known, and its faces would stay for good.
+                gap = self.cfg.tracking.max_gap_s
+                away = self.source.status() == "reconnecting"
+                lost = self.tracker.expire(time.monotonic(), gap if away else self.times.stalled_after(gap))
                 if lost:
                     self._report_lost(lost, window, result)
                     faces = self.tracker.faces()

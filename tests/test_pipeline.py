@@ -128,6 +128,34 @@ def test_a_camera_outage_loses_the_faces_and_a_face_after_it_is_a_new_one():
     assert outage_stats and all(p["camera"] == "reconnecting" and p["fps"] == 0 for p in outage_stats)
 
 
+class OneFrameThenGone(CameraWithOutage):
+    """A stream that gives one frame and then no more (it died right after it connected)."""
+
+    def read(self):
+        if self.index:
+            time.sleep(0.2)
+            return None
+        self.index += 1
+        return Frame(self.image, time.monotonic(), self.index)
+
+    def status(self):
+        return "reconnecting" if self.index else "starting"
+
+
+def test_a_face_on_the_only_frame_before_the_camera_went_is_lost_all_the_same():
+    # With one frame the rate is unknown, and the face stayed in view until the agent stopped.
+    cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent"})
+    publisher = MemoryPublisher()
+    agent = build_agent(cfg, source=OneFrameThenGone(astronaut_bgr(), publisher), publisher=publisher)
+    before_stop = []
+    threading.Timer(3.0, lambda: (before_stop.append(len(publisher.messages)), agent.stop())).start()
+    agent.run()
+    topics = [m.topic for m in publisher.messages[:before_stop[0]]]
+    assert "t/agent/event/face_appeared" in topics and "t/agent/event/face_lost" in topics
+    last_state = [m for m in publisher.messages[:before_stop[0]] if m.topic == "t/agent/state"][-1]
+    assert json.loads(last_state.payload)["faces_in_view"] == 0
+
+
 def test_the_first_stats_come_before_any_frame_and_replace_what_the_last_run_left(tmp_path):
     # After a watchdog restart the last run's retained stats said "reconnecting" (and its speed)
     # for a whole stats interval while the camera worked again.
