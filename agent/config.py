@@ -24,6 +24,7 @@ from agent.errors import ConfigError
 from agent.model_files import resolve_model_path
 
 PASSWORD_ENV = "EMOTION_AGENT_MQTT_PASSWORD"
+DEFAULT_TOPIC_PREFIX = "emotion-agent/{hostname}"
 # A source with one of these is a stream (capture.classify_source); here, not in capture, so that
 # the validation can check the URL without loading OpenCV.
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
@@ -132,7 +133,7 @@ class MqttConfig:
     port: int = setting(1883, "Broker port (8883 is usual for TLS).", min=1, max=65535)
     client_id: str | None = setting(None, "MQTT client id (null: emotion-agent-<hostname>, followed by the topic root "
                                                 "when topic_prefix is not the default).")
-    topic_prefix: str = setting("emotion-agent/{hostname}", "Root of every topic; {hostname} is replaced.")
+    topic_prefix: str = setting(DEFAULT_TOPIC_PREFIX, "Root of every topic; {hostname} is replaced.")
     qos: int = setting(1, "QoS of events and state (0, 1 or 2).", min=0, max=2)
     keepalive_s: int = setting(30, "Keep-alive interval; the broker sends the Last Will after 1.5x this.",
                                min=5, max=65535)
@@ -583,6 +584,11 @@ def topic_root(cfg: MqttConfig) -> str:
     return cfg.topic_prefix.replace("{hostname}", hostname())
 
 
+def default_topic_root(host: str) -> str:
+    """The topic root on `host` of an agent left with the default topic_prefix."""
+    return DEFAULT_TOPIC_PREFIX.replace("{hostname}", host)
+
+
 def client_id(cfg: MqttConfig) -> str:
     """The configured id, or emotion-agent-<hostname>, plus the topic root when it is not the default:
     two agents on one host, told apart by their topic prefixes, must not share an id (the broker
@@ -592,7 +598,7 @@ def client_id(cfg: MqttConfig) -> str:
         return cfg.client_id
     base = f"emotion-agent-{hostname()}"
     root = topic_root(cfg)
-    if root == f"emotion-agent/{hostname()}":
+    if root == default_topic_root(hostname()):
         return base
     return f"{base}-{re.sub(r'[^A-Za-z0-9_-]', '_', root.replace('/', '-'))}"
 

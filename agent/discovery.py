@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
+from agent.config import default_topic_root
 from agent.mqtt import OFFLINE, ONLINE
 from agent.topics import EVENT_KINDS, Topics
 from agent.types import EMOTION_LABELS, UNCERTAIN
@@ -70,9 +71,9 @@ def device_name_for(host: str, root: str) -> str:
     one discovered second ids ending in `_2`. A root that goes on from the default
     (`emotion-agent/<host>-kitchen`, as docs/deploy.md suggests for a second camera) is named by what
     follows `emotion-agent/`; any other gets the host and the root."""
-    default = f"emotion-agent/{host}"
+    default = default_topic_root(host)
     if root.startswith(default):
-        return f"Emotion agent {root.removeprefix('emotion-agent/')}"
+        return f"Emotion agent {host}{root[len(default):]}"
     return f"Emotion agent {host} {root}"
 
 
