@@ -95,7 +95,7 @@ def opencv_file_name(path: str) -> str:
 
 
 def is_stream(target: int | str) -> bool:
-    return isinstance(target, str) and "://" in target
+    return isinstance(target, str) and target.lower().startswith(STREAM_SCHEMES)  # as classify_source tells
 
 
 def open_stream(url: str, timeout_s: float) -> cv2.VideoCapture:
@@ -349,8 +349,9 @@ class LiveSource:
         self._props = {cv2.CAP_PROP_FRAME_WIDTH: width, cv2.CAP_PROP_FRAME_HEIGHT: height, cv2.CAP_PROP_FPS: fps}
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
+        self._stream = is_stream(target)
         self._open_capture = open_capture or (functools.partial(open_stream, timeout_s=stall_timeout_s)
-                                              if is_stream(target) else cv2.VideoCapture)
+                                              if self._stream else cv2.VideoCapture)
         self._cond = threading.Condition()
         self._latest: np.ndarray | None = None
         self._latest_index = -1
@@ -379,12 +380,12 @@ class LiveSource:
         JPEGs undecoded, to be decoded here: FFmpeg scales every frame to the size of the first (a
         frame size changed in the camera's web page came out squashed to the old one, until a
         reconnect) and hands out a JPEG cut short with its lower part grey."""
-        return (is_stream(self._target) and int(cap.get(cv2.CAP_PROP_FOURCC)) == cv2.VideoWriter_fourcc(*"MJPG")
+        return (self._stream and int(cap.get(cv2.CAP_PROP_FOURCC)) == cv2.VideoWriter_fourcc(*"MJPG")
                 and cap.set(cv2.CAP_PROP_FORMAT, -1))
 
     def _set_status(self, status: str, why: str = "") -> None:
         if status != self._status:
-            what = "stream" if is_stream(self._target) else "camera"
+            what = "stream" if self._stream else "camera"
             logger.log(logging.WARNING if status != "ok" else logging.INFO, "%s %s: %s%s", what,
                        redact_url(str(self._target)), status,
                        f" ({why}; retrying with backoff up to every {self._retry_max:g} s)" if why else "")

@@ -282,14 +282,15 @@ class Agent:
                     break
                 # No frame from the camera: keep telling the world (stats carry the camera status),
                 # but never ping the watchdog, so a camera hung for good gets the service restarted.
-                self.notifier.status(f"camera {self.source.status()}")
+                status = self.source.status()
+                self.notifier.status(f"camera {status}")
                 # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a live
                 # source's frame times are monotonic): a face seen after the outage is a new one. A
                 # source slower than the gap is waited for twice its interval. One the source says is
                 # away is not: after a single frame no rate is known, and its faces would stay for good.
                 gap = self.cfg.tracking.max_gap_s
-                away = self.source.status() == "reconnecting"
-                lost = self.tracker.expire(time.monotonic(), gap if away else self.times.stalled_after(gap))
+                lost = self.tracker.expire(time.monotonic(),
+                                           gap if status == "reconnecting" else self.times.stalled_after(gap))
                 if lost:
                     self._report_lost(lost, window, result)
                     faces = self.tracker.faces()
