@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -81,6 +82,13 @@ def broker(tmp_path):
     b.start()
     yield b
     b.stop()
+
+
+def reload_and_wait_for(proc, sub: Subscriber, topic: str, timeout: float = 60) -> None:
+    """SIGHUP the agent `proc` and wait until `topic` comes again after it: the pipeline started over."""
+    before = len(sub.all)
+    proc.send_signal(signal.SIGHUP)
+    sub.wait_for(lambda m: m[0] == topic and sub.all.index(m) >= before, timeout=timeout)
 
 
 class Subscriber:

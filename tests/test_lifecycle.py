@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Broker
+from tests.conftest import Broker, reload_and_wait_for
 from tests.test_end_to_end import still_video
 
 
@@ -77,10 +77,8 @@ def test_a_reload_that_keeps_the_broker_keeps_the_connection(broker, subscriber_
     config, sub, proc = running_with_a_config(broker, subscriber_factory, clip, tmp_path)
     try:
         config.write_text("smoothing:\n  dwell_s: 0.5\n")
-        proc.send_signal(signal.SIGHUP)
-        before = len(sub.all)
         # The pipeline restarts (the face is found again under a new id) on the same connection.
-        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
+        reload_and_wait_for(proc, sub, "life/agent/event/face_appeared")
         code, _, err = stop(proc)
     finally:
         if proc.poll() is None:
@@ -100,10 +98,8 @@ def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
     try:
         sub.wait_for(lambda m: m[0] == "first/agent/event/face_appeared", timeout=60)
         config.write_text("mqtt:\n  topic_prefix: second/agent\n  prot: 1\n")  # a typo: rejected, kept running
-        before = len(sub.all)
-        proc.send_signal(signal.SIGHUP)
         # Read and rejected before the file changes again: the old config's pipeline starts over.
-        sub.wait_for(lambda m: m[0] == "first/agent/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
+        reload_and_wait_for(proc, sub, "first/agent/event/face_appeared")
         assert proc.poll() is None
         config.write_text("mqtt:\n  topic_prefix: second/agent\n")
         proc.send_signal(signal.SIGHUP)
@@ -140,9 +136,7 @@ def test_a_reload_while_the_password_file_is_missing_keeps_the_daemon_and_its_co
     try:
         sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared", timeout=60)
         password.rename(tmp_path / "mqtt_password.moved")
-        before = len(sub.all)
-        proc.send_signal(signal.SIGHUP)
-        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
+        reload_and_wait_for(proc, sub, "life/agent/event/face_appeared")
         assert proc.poll() is None
         code, _, err = stop(proc)
     finally:

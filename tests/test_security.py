@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import BrokerSettings, Message, MqttPublisher
-from tests.conftest import ROOT, Broker, Subscriber, free_port
+from tests.conftest import ROOT, Broker, Subscriber, free_port, reload_and_wait_for
 
 PREFIX = "test/agent"
 ALLOWED_ROOTS = (f"{PREFIX}/", "homeassistant/")
@@ -478,9 +478,7 @@ def test_a_reload_while_the_ca_file_is_half_written_keeps_the_connection(secure_
         sub = reader(secure_broker.port, pki, f"{PREFIX}/#")
         sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=60)
         ca_file.write_text("")
-        before = len(sub.all)
-        proc.send_signal(signal.SIGHUP)
-        sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared" and sub.all.index(m) >= before, timeout=60)
+        reload_and_wait_for(proc, sub, f"{PREFIX}/event/face_appeared")
         sub.stop()
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
