@@ -411,7 +411,8 @@ def test_a_stalled_mjpeg_stream_is_reported_its_faces_lost_and_it_comes_back(bro
 
         sub.wait_for(lambda m: m[0] == "life/agent/event/face_lost" and since_the_stall(m), timeout=5)
         sub.wait_for(lambda m: m[0] == "life/agent/state" and b'"faces_in_view":0' in m[1] and since_the_stall(m))
-        sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1], timeout=10)
+        sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1] and since_the_stall(m),
+                     timeout=10)
         assert time.monotonic() - stalled < 5
         server.resume()
         sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and since_the_stall(m), timeout=10)

@@ -205,3 +205,11 @@ def test_a_camera_slower_than_the_gap_keeps_its_faces_between_frames():
     agent.run()
     kinds = [m.topic.rsplit("/", 1)[1] for m in publisher.messages if m.topic.startswith("t/agent/event/face_")]
     assert kinds == ["face_appeared", "face_lost"]  # one face, lost only at the end
+
+
+def test_the_loop_stops_on_an_event_a_signal_handler_may_set(tmp_path):
+    # SIGTERM's handler sets it; a plain threading.Event deadlocks a handler that comes while the
+    # main thread is inside the same event's wait (tests/test_signal_event.py).
+    from agent.signal_event import SignalSafeEvent
+
+    assert isinstance(make_agent(tmp_path, 0.1)._stop, SignalSafeEvent)
