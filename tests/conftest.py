@@ -84,6 +84,15 @@ def broker(tmp_path):
     b.stop()
 
 
+def wait_until(predicate, timeout: float) -> float:
+    """Seconds until `predicate()` held; AssertionError past `timeout`."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "timed out"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
 def reload_and_wait_for(proc, sub: Subscriber, topic: str, timeout: float = 60) -> None:
     """SIGHUP the agent `proc` and wait until `topic` comes again after it: the pipeline started over."""
     before = len(sub.all)

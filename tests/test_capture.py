@@ -7,6 +7,7 @@ import pytest
 
 from agent.capture import ImageSource, LiveSource, VideoFileSource, classify_source, make_source
 from agent.errors import SourceError
+from tests.conftest import wait_until
 
 
 def write_video(path, frames: int = 30, fps: float = 10.0, size=(64, 48)):
@@ -317,15 +318,6 @@ def test_a_video_can_start_at_a_frame_with_its_own_indexes_and_times(tmp_path):
 
 
 # --- a live MJPEG stream over HTTP, served as an ESP32-CAM serves it ---------------------------------
-
-def wait_until(predicate, timeout: float) -> float:
-    """Seconds until `predicate()` held; AssertionError past `timeout`."""
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, "timed out"
-        time.sleep(0.02)
-    return time.monotonic() - started
-
 
 def face_jpeg() -> bytes:
     from tests.conftest import astronaut_bgr

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import BrokerSettings, Message, MqttPublisher
-from tests.conftest import ROOT, Broker, Subscriber, free_port, reload_and_wait_for
+from tests.conftest import ROOT, Broker, Subscriber, free_port, reload_and_wait_for, wait_until
 
 PREFIX = "test/agent"
 ALLOWED_ROOTS = (f"{PREFIX}/", "homeassistant/")
@@ -158,15 +158,6 @@ def sent_publishes(broker: Broker, client_id: str) -> list[SentPublish]:
     return found
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def outside_roots(publishes: list[SentPublish]) -> list[str]:
     return [p.topic for p in publishes if not p.topic.startswith(ALLOWED_ROOTS)]
 
@@ -196,7 +187,7 @@ def test_refused_credentials_leave_the_publisher_disconnected_and_say_why(
         secure_broker, pki, publishers, caplog, username, password):
     caplog.set_level("ERROR", logger="agent.mqtt")
     pub = publishers(agent_settings(secure_broker.port, pki, username=username, password=password))
-    assert wait_until(lambda: pub.last_error is not None, 10)
+    wait_until(lambda: pub.last_error is not None, 10)
     assert pub.last_error == "Not authorized" and not pub.connected
     time.sleep(2.5)  # two more refusals, a second apart: said once, not at every retry for months
     refusals = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
@@ -209,7 +200,7 @@ def test_a_plain_connection_to_the_tls_port_is_one_warning_that_says_so(secure_b
     # ERROR, at every retry, and the agent nothing of its own.
     caplog.set_level("INFO")
     pub = publishers(agent_settings(secure_broker.port, pki, tls=False, ca_file=None))
-    assert wait_until(lambda: pub.last_error is not None, 10)
+    wait_until(lambda: pub.last_error is not None, 10)
     time.sleep(2.5)  # two more tries, a second apart
     assert pub.connects == 0
     said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
@@ -226,7 +217,7 @@ def test_tls_to_a_plain_port_is_one_warning_with_a_hint(broker, pki, publishers,
     # The plain listener resets the TLS handshake: "Connection reset by peer", and nothing said why.
     caplog.set_level("INFO")
     pub = publishers(agent_settings(broker.port, pki))
-    assert wait_until(lambda: pub.last_error is not None, 10)
+    wait_until(lambda: pub.last_error is not None, 10)
     time.sleep(2.5)  # two more tries, a second apart
     said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
     assert len(said) == 1, said
@@ -267,7 +258,7 @@ def test_a_refused_broker_certificate_is_named_in_last_error_and_the_log(broker_
     broker = tls_broker(broker_dir, pki, server="rogue-server")
     try:
         pub = publishers(agent_settings(broker.port, pki))
-        assert wait_until(lambda: pub.last_error is not None, 10)
+        wait_until(lambda: pub.last_error is not None, 10)
         assert "certificate verify failed" in pub.last_error.lower() and not pub.connected
         said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
         assert any("certificate verify failed" in text.lower() for text in said), said
