@@ -44,7 +44,8 @@ class FrameSource(Protocol):
         """The next frame to process, or None once a finite source is exhausted."""
 
     def status(self) -> str:
-        """'ok', 'reconnecting', 'ended'."""
+        """One of `types.CAMERA_STATUSES`: 'starting' (a live source before its first frame), 'ok',
+        'reconnecting', 'ended'."""
 
     def dropped(self) -> int:
         """Frames captured but never handed out (a live source skips stale frames)."""

@@ -7,8 +7,8 @@ re-sent on every connect and whenever Home Assistant announces itself on `<prefi
 The entities, all on one device:
 - sensors on the state topic: the dominant emotion (an `enum` sensor), faces in view, and faces
   per emotion;
-- diagnostic sensors on the stats topic: frames per second, camera status, dropped frames and
-  dropped MQTT messages;
+- diagnostic sensors on the stats topic: frames per second, camera status (an `enum` sensor),
+  dropped frames and dropped MQTT messages;
 - two `event` entities fed by the event topics: "Emotion" fires on every emotion change with the
   new emotion as its event type, "Face" on every face event with its kind as the event type.
 
@@ -28,7 +28,7 @@ from agent import __version__
 from agent.config import default_topic_root
 from agent.mqtt import OFFLINE, ONLINE
 from agent.topics import EVENT_KINDS, Topics
-from agent.types import EMOTION_LABELS, UNCERTAIN
+from agent.types import CAMERA_STATUSES, EMOTION_LABELS, UNCERTAIN
 
 # What `payloads.dominant_emotion` can report besides an emotion label. Spelled out here rather
 # than imported so this module depends only on types, topics and the MQTT constants.
@@ -166,7 +166,7 @@ def discovery_messages(s: DiscoverySettings) -> list[tuple[str, dict[str, Any]]]
                 unit_of_measurement="fps", state_class="measurement", suggested_display_precision=1,
                 entity_category="diagnostic", icon="mdi:speedometer"),
         _sensor(s, "camera", "Camera", stats, "{{ value_json.camera }}", s.stats_expire_after_s,
-                entity_category="diagnostic", icon="mdi:cctv"),
+                device_class="enum", options=list(CAMERA_STATUSES), entity_category="diagnostic", icon="mdi:cctv"),
         _sensor(s, "dropped_frames", "Dropped frames", stats, "{{ value_json.dropped_frames }}",
                 s.stats_expire_after_s, state_class="total_increasing", entity_category="diagnostic",
                 icon="mdi:filmstrip-off"),

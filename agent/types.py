@@ -28,6 +28,10 @@ EMOTIONS: tuple[Emotion, ...] = tuple(Emotion)
 EMOTION_LABELS: tuple[str, ...] = tuple(e.label for e in Emotion)
 UNCERTAIN = "uncertain"
 
+# What a frame source says of itself (`FrameSource.status`): the stats' `camera` field and the
+# options of Home Assistant's Camera sensor, which rejects a state that is not among them.
+CAMERA_STATUSES: tuple[str, ...] = ("starting", "ok", "reconnecting", "ended")
+
 
 @dataclass(frozen=True, slots=True)
 class Box:

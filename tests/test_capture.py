@@ -7,6 +7,7 @@ import pytest
 
 from agent.capture import ImageSource, LiveSource, VideoFileSource, classify_source, make_source
 from agent.errors import SourceError
+from agent.types import CAMERA_STATUSES
 from tests.conftest import wait_until
 
 
@@ -362,6 +363,28 @@ def test_a_stream_that_stalls_with_its_connection_open_is_reported_and_reopened(
     assert [line for line in said if "reconnecting" in line] == [
         f"stream {server.url}: reconnecting (it stopped giving frames; retrying with backoff up to every 0.2 s)"]
     assert said[-1] == f"stream {server.url}: ok"
+
+
+def test_the_statuses_sources_report_are_the_ones_home_assistant_is_offered(mjpeg_server, tmp_path):
+    # HA's enum sensor rejects a state missing from its options: every status must be among them.
+    server = mjpeg_server([face_jpeg()], fps=20)
+    stream = LiveSource(server.url, retry_initial_s=0.05, retry_max_s=0.2, stall_timeout_s=1)
+    seen = [stream.status()]
+    try:
+        frame_from(stream)
+        seen.append(stream.status())
+        server.stall()
+        wait_until(lambda: stream.status() != "ok", timeout=5)
+        seen.append(stream.status())
+    finally:
+        stream.close()
+    video = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=3)))
+    seen.append(video.status())
+    while video.read() is not None:
+        pass
+    seen.append(video.status())
+    assert seen == ["starting", "ok", "reconnecting", "ok", "ended"]
+    assert set(seen) == set(CAMERA_STATUSES)
 
 
 def test_closing_a_source_blocked_in_a_stalled_read_does_not_wait_for_the_read(mjpeg_server):

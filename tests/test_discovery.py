@@ -36,7 +36,7 @@ from agent.config import Config, client_id
 from agent.events import EmotionChanged, FaceAppeared, FaceLost, TrackedFace
 from agent.mqtt import OFFLINE, ONLINE, MemoryPublisher
 from agent.topics import EVENT_KINDS, Topics
-from agent.types import EMOTION_LABELS, UNCERTAIN, Box, EmotionScores
+from agent.types import CAMERA_STATUSES, EMOTION_LABELS, UNCERTAIN, Box, EmotionScores
 
 WALL = 1_700_000_000.25
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,6 +429,11 @@ def test_dominant_emotion_options_cover_every_value_the_state_can_report(publish
     # The face sets reach every value: each label, "uncertain" and "none".
     assert reported == set(EMOTION_LABELS) | {UNCERTAIN, payloads.NO_FACE}
     assert set(payload["options"]) == reported
+
+
+def test_the_camera_sensor_is_an_enum_of_every_camera_status(published):
+    (payload,) = [p for _, p, _ in published if p["unique_id"].endswith("_camera")]
+    assert payload["device_class"] == "enum" and payload["options"] == list(CAMERA_STATUSES)
 
 
 def test_every_state_count_has_a_sensor(published, samples, agent):
