@@ -61,7 +61,9 @@ def _valid_frame(image: np.ndarray | None) -> bool:
             and image.shape[0] > 0 and image.shape[1] > 0 and image.dtype == np.uint8)
 
 
-def _truncated_jpeg(path: str) -> bool:
+def is_truncated_jpeg(path: str | Path) -> bool:
+    """Whether the file is a JPEG cut short (a copy or a card that stopped early): libjpeg decodes
+    what is there and greys out the rest, so it reads, but is not the picture."""
     with open(path, "rb") as f:
         if f.read(2) != b"\xff\xd8":
             return False
@@ -153,7 +155,7 @@ class ImageSource:
         image = read_image(path)
         if image is None:
             raise SourceError(f"cannot read image {path}: not an image file OpenCV can decode")
-        if _truncated_jpeg(path):
+        if is_truncated_jpeg(path):
             # libjpeg decodes what is there and greys out the rest: say so rather than find no face.
             logger.warning("image %s is damaged (a JPEG cut short): its lower part is blank", path)
         self._image: np.ndarray | None = image

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from agent.capture import read_image
+from agent.capture import is_truncated_jpeg, read_image
 from agent.classify import CroppedFaceClassifier
 from agent.errors import AgentError, SourceError
 from agent.types import EMOTION_LABELS
@@ -103,6 +103,8 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
                 image, why = read_image(path, cv2.IMREAD_GRAYSCALE), f"cannot read {path}"
             except SourceError as exc:  # over OpenCV's pixel limit: that file is skipped, not the run
                 image, why = None, str(exc)
+            if image is not None and is_truncated_jpeg(path):  # half a face would count as one
+                image, why = None, f"{path} is damaged (a JPEG cut short)"
             if image is None:
                 logger.warning("%s; skipped", why)
                 unreadable.append(str(path))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from agent.capture import read_image
+from agent.capture import is_truncated_jpeg, read_image
 from agent.detect import FaceDetector
 from agent.errors import SourceError
 from agent.types import Box
@@ -129,6 +129,8 @@ def evaluate_detector(xml_paths: Sequence[Path], detector: FaceDetector) -> Face
         frame = read_image(marked.path)
         if frame is None:
             raise SourceError(f"cannot read image {marked.path} named in the XML")
+        if is_truncated_jpeg(marked.path):  # its marked faces in the grey part would count as missed
+            raise SourceError(f"image {marked.path} named in the XML is damaged (a JPEG cut short)")
         height, width = frame.shape[:2]
         for box in marked.boxes:  # no detection can match it: it would count as a face missed
             if box.x >= width or box.y >= height or box.x2 <= 0 or box.y2 <= 0:

@@ -63,11 +63,17 @@ def test_limit_caps_the_images_per_class(faces_dir, classifier):
     assert evaluate_folder(faces_dir, classifier, limit=1).count == 2
 
 
-def test_unreadable_image_is_skipped_and_counted(faces_dir, classifier):
-    (faces_dir / "happy" / "broken.jpg").write_bytes(b"not a jpeg")
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda whole: b"not a jpeg", id="not-an-image"),
+    pytest.param(lambda whole: whole[: len(whole) // 2], id="jpeg-cut-short"),  # was counted as a face
+])
+def test_unreadable_image_is_skipped_and_counted(faces_dir, classifier, damage, caplog):
+    whole = (faces_dir / "neutral" / "a.jpg").read_bytes()
+    (faces_dir / "happy" / "broken.jpg").write_bytes(damage(whole))
     result = evaluate_folder(faces_dir, classifier)
     assert result.count == 3
     assert result.unreadable == 1
+    assert [r.getMessage() for r in caplog.records if "broken.jpg" in r.getMessage()][0].endswith("; skipped")
 
 
 @pytest.mark.parametrize("layout, message", [

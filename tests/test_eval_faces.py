@@ -102,6 +102,15 @@ def test_unreadable_photo_named_in_the_xml_is_a_source_error(tmp_path):
         evaluate_detector([tmp_path / "marks.xml"], ScriptedDetector())
 
 
+def test_a_photo_cut_short_named_in_the_xml_is_a_source_error(tmp_path):
+    # libjpeg reads it with its lower part grey: the faces marked there would count as missed.
+    whole = cv2.imencode(".jpg", astronaut_bgr())[1].tobytes()
+    (tmp_path / "a.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "marks.xml").write_text(imglab("<image file='a.jpg'><box top='1' left='1' width='9' height='9'/></image>"))
+    with pytest.raises(SourceError, match=r"a\.jpg named in the XML is damaged \(a JPEG cut short\)"):
+        evaluate_detector([tmp_path / "marks.xml"], ScriptedDetector())
+
+
 def test_blazeface_scores_against_a_marked_photo(tmp_path):
     cv2.imwrite(str(tmp_path / "a.jpg"), astronaut_bgr())
     b = ASTRONAUT_FACE
