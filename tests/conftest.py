@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,14 +75,52 @@ class Broker:
         self.process = None
 
 
-@pytest.fixture
-def broker(tmp_path):
+def _started_broker(tmp_path, persistent: bool = False):
     if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
         pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
-    b = Broker(tmp_path)
+    b = Broker(tmp_path, persistent=persistent)
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    yield from _started_broker(tmp_path)
+
+
+@pytest.fixture
+def persistent_broker(tmp_path):
+    """A broker that keeps subscribers' sessions across its `stop()` and `start()`; stopped after the test."""
+    yield from _started_broker(tmp_path, persistent=True)
+
+
+@pytest.fixture
+def agent_process():
+    """Starts `python -m agent run ARGS...` (stderr piped, as text; `env` as subprocess takes it); each
+    agent still running at teardown is killed, and all are reaped, also when the test failed."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def stop_agent(proc: subprocess.Popen) -> tuple[int, float, str]:
+    """SIGTERM the agent `proc` and wait (20 s at most): its exit code, the seconds that took, its stderr."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    return proc.returncode, time.monotonic() - started, err
 
 
 def wait_until(predicate, timeout: float) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -191,32 +190,27 @@ def xvfb():
     proc.wait(timeout=10)
 
 
-def test_preview_window_shows_the_photo_and_quits_on_q(broker, subscriber_factory, smiling_photo, xvfb):
+def test_preview_window_shows_the_photo_and_quits_on_q(broker, subscriber_factory, agent_process, smiling_photo,
+                                                       xvfb):
     sub = subscriber_factory(broker.port, f"{PREFIX}/#")
     env = dict(os.environ, DISPLAY=xvfb)
     env.pop("WAYLAND_DISPLAY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", str(smiling_photo), "--show",
-                             "--mqtt-port", str(broker.port), "--topic-prefix", PREFIX],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        window = ""
-        deadline = time.monotonic() + 60
-        while not window and time.monotonic() < deadline:
-            found = subprocess.run(["xdotool", "search", "--name", "^emotion-agent$"], env=env,
-                                   capture_output=True, text=True)
-            window = found.stdout.split()[0] if found.stdout.split() else ""
-            time.sleep(0.2)
-        assert window, "the preview window never appeared"
-        # The window stays open on a still image until the user quits.
-        with pytest.raises(subprocess.TimeoutExpired):
-            proc.wait(timeout=1.0)
-        subprocess.run(["xdotool", "windowactivate", "--sync", window], env=env, capture_output=True)
-        subprocess.run(["xdotool", "key", "--window", window, "q"], env=env, check=True)
-        assert proc.wait(timeout=30) == 0, proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = agent_process("--source", str(smiling_photo), "--show", "--mqtt-port", str(broker.port),
+                         "--topic-prefix", PREFIX, env=env)
+    window = ""
+    deadline = time.monotonic() + 60
+    while not window and time.monotonic() < deadline:
+        found = subprocess.run(["xdotool", "search", "--name", "^emotion-agent$"], env=env,
+                               capture_output=True, text=True)
+        window = found.stdout.split()[0] if found.stdout.split() else ""
+        time.sleep(0.2)
+    assert window, "the preview window never appeared"
+    # The window stays open on a still image until the user quits.
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=1.0)
+    subprocess.run(["xdotool", "windowactivate", "--sync", window], env=env, capture_output=True)
+    subprocess.run(["xdotool", "key", "--window", window, "q"], env=env, check=True)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
     assert any(e["emotion"] == "happy" for e in events(sub, "emotion_changed"))
 
 
@@ -293,21 +287,14 @@ def test_the_display_check_accepts_a_live_x_server(xvfb):
     assert "cannot reach" in x_display_problem(":" + str(int(xvfb[1:]) + 1))
 
 
-def test_sigterm_ends_the_wait_for_an_absent_broker_after_a_file_run(tmp_path, smiling_photo):
-    from tests.conftest import free_port
+def test_sigterm_ends_the_wait_for_an_absent_broker_after_a_file_run(agent_process, smiling_photo):
+    from tests.conftest import free_port, stop_agent
 
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", str(smiling_photo), "--mqtt-port",
-                             str(free_port()), "--flush-timeout", "600"], stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stderr:  # wait until the run is over and only the flush remains
-            if "first frame processed" in line:
-                break
-        time.sleep(1.0)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and time.monotonic() - started < 5, err
+    proc = agent_process("--source", str(smiling_photo), "--mqtt-port", str(free_port()), "--flush-timeout", "600")
+    for line in proc.stderr:  # wait until the run is over and only the flush remains
+        if "first frame processed" in line:
+            break
+    time.sleep(1.0)
+    code, took, err = stop_agent(proc)
+    assert code == 0 and took < 5, err
     assert "not acknowledged" in err

@@ -15,26 +15,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Broker, reload_and_wait_for
+from tests.conftest import Subscriber, reload_and_wait_for, stop_agent
 from tests.test_end_to_end import still_video
 
 
-def start_agent(port: int, video: Path, config: Path | None = None, prefix: str = "life/agent",
-                extra: tuple[str, ...] = ("--loop",)) -> subprocess.Popen:
-    args = [sys.executable, "-m", "agent", "run", "--source", str(video), "--realtime",
-            "--mqtt-port", str(port), "--log-level", "info", *extra]
-    if prefix:
-        args += ["--topic-prefix", prefix]
-    if config is not None:
-        args += ["--config", str(config)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def stop(proc: subprocess.Popen) -> tuple[int, float, str]:
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
-    return proc.returncode, time.monotonic() - started, err
+@pytest.fixture
+def start_agent(agent_process):
+    """Starts the agent on `source` with the broker on `port`, at info level, under `prefix` (none: the
+    config's); a video file (a Path) is paced in real time, and with `loop` starts over at its end.
+    Stopped and reaped after the test (conftest's agent_process)."""
+    def start(port: int, source: Path | str, config: Path | None = None, prefix: str = "life/agent",
+              loop: bool = True, extra: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+        args = ["--source", str(source), "--mqtt-port", str(port), "--log-level", "info", *extra]
+        if isinstance(source, Path):
+            args += ["--realtime", *(["--loop"] if loop else [])]
+        if prefix:
+            args += ["--topic-prefix", prefix]
+        if config is not None:
+            args += ["--config", str(config)]
+        return agent_process(*args, env=env)
+    return start
 
 
 @pytest.fixture
@@ -42,15 +42,12 @@ def clip(tmp_path) -> Path:
     return still_video(tmp_path / "clip.avi", seconds=4)
 
 
-def test_sigterm_publishes_final_summary_and_offline_then_exits_0_within_5_s(broker, subscriber_factory, clip):
+def test_sigterm_publishes_final_summary_and_offline_then_exits_0_within_5_s(broker, subscriber_factory, start_agent,
+                                                                             clip):
     sub = subscriber_factory(broker.port, "life/agent/#")
     proc = start_agent(broker.port, clip)
-    try:
-        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
-        code, took, err = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+    code, took, err = stop_agent(proc)
     assert code == 0, err
     assert took < 5.0
     sub.wait_for(lambda m: m[0] == "life/agent/summary")
@@ -59,30 +56,27 @@ def test_sigterm_publishes_final_summary_and_offline_then_exits_0_within_5_s(bro
     assert "Traceback" not in err
 
 
-def running_with_a_config(broker, subscriber_factory, clip, tmp_path):
-    """An agent run with a --config file (so SIGHUP reloads it), once it has emitted an emotion."""
-    config = tmp_path / "config.yaml"
-    config.write_text("smoothing:\n  dwell_s: 0.25\n")
-    sub = subscriber_factory(broker.port, "life/agent/#")
-    proc = start_agent(broker.port, clip, config=config)
-    try:
-        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
-    except BaseException:
-        proc.kill()
-        raise
-    return config, sub, proc
+@pytest.fixture
+def running_with_a_config(broker, subscriber_factory, start_agent, tmp_path):
+    """Starts the agent on `video` with a --config file of `text` (so SIGHUP reloads it), under life/agent/;
+    returns (that file, a subscriber to life/agent/#, the process) once `first` came."""
+    def start(text: str, video: Path, first: str = "life/agent/event/emotion_changed",
+              loop: bool = True) -> tuple[Path, Subscriber, subprocess.Popen]:
+        config = tmp_path / "config.yaml"
+        config.write_text(text)
+        sub = subscriber_factory(broker.port, "life/agent/#")
+        proc = start_agent(broker.port, video, config=config, loop=loop)
+        sub.wait_for(lambda m: m[0] == first, timeout=60)
+        return config, sub, proc
+    return start
 
 
-def test_a_reload_that_keeps_the_broker_keeps_the_connection(broker, subscriber_factory, clip, tmp_path):
-    config, sub, proc = running_with_a_config(broker, subscriber_factory, clip, tmp_path)
-    try:
-        config.write_text("smoothing:\n  dwell_s: 0.5\n")
-        # The pipeline restarts (the face is found again under a new id) on the same connection.
-        reload_and_wait_for(proc, sub, "life/agent/event/face_appeared")
-        code, _, err = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def test_a_reload_that_keeps_the_broker_keeps_the_connection(running_with_a_config, clip):
+    config, sub, proc = running_with_a_config("smoothing:\n  dwell_s: 0.25\n", clip)
+    config.write_text("smoothing:\n  dwell_s: 0.5\n")
+    # The pipeline restarts (the face is found again under a new id) on the same connection.
+    reload_and_wait_for(proc, sub, "life/agent/event/face_appeared")
+    code, _, err = stop_agent(proc)
     assert code == 0, err
     assert "configuration reloaded" in err and "goes on from frame" not in err  # --loop: it starts over
     availability = [p for t, p, _ in sub.all if t == "life/agent/availability"]
@@ -90,30 +84,26 @@ def test_a_reload_that_keeps_the_broker_keeps_the_connection(broker, subscriber_
     assert err.count("connected to broker") == 1
 
 
-def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
+def test_sighup_reloads_the_config(broker, subscriber_factory, start_agent, clip, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("mqtt:\n  topic_prefix: first/agent\n")
     sub = subscriber_factory(broker.port, ["first/#", "second/#"])
     proc = start_agent(broker.port, clip, config=config, prefix="")
-    try:
-        sub.wait_for(lambda m: m[0] == "first/agent/event/face_appeared", timeout=60)
-        config.write_text("mqtt:\n  topic_prefix: second/agent\n  prot: 1\n")  # a typo: rejected, kept running
-        # Read and rejected before the file changes again: the old config's pipeline starts over.
-        reload_and_wait_for(proc, sub, "first/agent/event/face_appeared")
-        assert proc.poll() is None
-        config.write_text("mqtt:\n  topic_prefix: second/agent\n")
-        proc.send_signal(signal.SIGHUP)
-        # The state comes after the discovery: once it is here, everything retained is on the broker
-        # (a subscriber that came in before would get them live, not retained).
-        sub.wait_for(lambda m: m[0] == "second/agent/state", timeout=60)
-        # Home Assistant keeps no dead twin: the first device's discovery and state are emptied.
-        retained = subscriber_factory(broker.port, ["homeassistant/#", "first/#", "second/#"])
-        retained.wait_for(lambda m: m[0] == "second/agent/state" and m[2])
-        retained.wait_for(lambda m: m[0].startswith("homeassistant/") and b"second/agent" in m[1] and m[2])
-        code, _, err = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sub.wait_for(lambda m: m[0] == "first/agent/event/face_appeared", timeout=60)
+    config.write_text("mqtt:\n  topic_prefix: second/agent\n  prot: 1\n")  # a typo: rejected, kept running
+    # Read and rejected before the file changes again: the old config's pipeline starts over.
+    reload_and_wait_for(proc, sub, "first/agent/event/face_appeared")
+    assert proc.poll() is None
+    config.write_text("mqtt:\n  topic_prefix: second/agent\n")
+    proc.send_signal(signal.SIGHUP)
+    # The state comes after the discovery: once it is here, everything retained is on the broker
+    # (a subscriber that came in before would get them live, not retained).
+    sub.wait_for(lambda m: m[0] == "second/agent/state", timeout=60)
+    # Home Assistant keeps no dead twin: the first device's discovery and state are emptied.
+    retained = subscriber_factory(broker.port, ["homeassistant/#", "first/#", "second/#"])
+    retained.wait_for(lambda m: m[0] == "second/agent/state" and m[2])
+    retained.wait_for(lambda m: m[0].startswith("homeassistant/") and b"second/agent" in m[1] and m[2])
+    code, _, err = stop_agent(proc)
     assert code == 0, err
     assert "new configuration rejected" in err and "mqtt.prot: unknown setting" in err
     left = {t for t, p, kept in retained.all if kept and p}
@@ -123,44 +113,32 @@ def test_sighup_reloads_the_config(broker, subscriber_factory, clip, tmp_path):
 
 
 def test_a_reload_while_the_password_file_is_missing_keeps_the_daemon_and_its_connection(
-        broker, subscriber_factory, clip, tmp_path):
+        running_with_a_config, clip, tmp_path):
     # The password file moved away (a rotation half done): the reload was rejected, but the old
     # connection was closed all the same and the old config could not log in again: exit 2, and
     # systemd, told not to restart on 2, left the service down.
     password = tmp_path / "mqtt_password"
     password.write_text("secret\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(f"mqtt:\n  username: agent\n  password_file: {password}\n")
-    sub = subscriber_factory(broker.port, "life/agent/#")
-    proc = start_agent(broker.port, clip, config=config)
-    try:
-        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared", timeout=60)
-        password.rename(tmp_path / "mqtt_password.moved")
-        reload_and_wait_for(proc, sub, "life/agent/event/face_appeared")
-        assert proc.poll() is None
-        code, _, err = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, sub, proc = running_with_a_config(f"mqtt:\n  username: agent\n  password_file: {password}\n", clip,
+                                         first="life/agent/event/face_appeared")
+    password.rename(tmp_path / "mqtt_password.moved")
+    reload_and_wait_for(proc, sub, "life/agent/event/face_appeared")
+    assert proc.poll() is None
+    code, _, err = stop_agent(proc)
     assert code == 0, err
     assert "new configuration rejected" in err and "keeps the password it has" in err
     availability = [p for t, p, _ in sub.all if t == "life/agent/availability"]
     assert availability == [b"online", b"offline"]
 
 
-def test_a_sigterm_during_a_reload_is_not_forgotten(broker, subscriber_factory, clip, tmp_path):
+def test_a_sigterm_during_a_reload_is_not_forgotten(running_with_a_config, clip):
     # systemd's stop can follow a reload at once; it used to stop the agent being replaced, and the
     # next one ran on until systemd's SIGKILL.
-    config, sub, proc = running_with_a_config(broker, subscriber_factory, clip, tmp_path)
-    try:
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    _, sub, proc = running_with_a_config("smoothing:\n  dwell_s: 0.25\n", clip)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.05)
+    code, _, err = stop_agent(proc)
+    assert code == 0, err
     sub.wait_for(lambda m: m[0] == "life/agent/availability" and m[1] == b"offline")
     assert "Traceback" not in err
 
@@ -220,75 +198,58 @@ def test_a_sighup_while_a_reload_builds_the_next_agent_does_not_tell_systemd_sto
 EVENT_LOG = re.compile(r"(face_appeared|emotion_changed|face_lost) face (\d+)")
 
 
-def test_broker_restart_mid_run_loses_no_event(tmp_path, subscriber_factory, clip):
-    broker = Broker(tmp_path, persistent=True)
-    broker.start()
+def test_broker_restart_mid_run_loses_no_event(persistent_broker, subscriber_factory, start_agent, clip):
+    broker = persistent_broker
     sub = subscriber_factory(broker.port, "life/agent/event/+", client_id="home-automation", clean_session=False)
-    proc = start_agent(broker.port, clip, extra=("--loop", "--flush-timeout", "30"))
-    try:
-        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
-        broker.stop()
-        time.sleep(4)  # the clip loops: faces are lost and found while the broker is down
-        broker.start()
-        time.sleep(3)
-        code, _, err = stop(proc)
-        assert code == 0, err
-        produced = [(kind, int(face)) for kind, face in EVENT_LOG.findall(err)]
-        assert len(produced) >= 6
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            received = [(t.rsplit("/", 1)[1], json.loads(p)["face_id"]) for t, p, _ in sub.all]
-            if all(e in received for e in produced):
-                break
-            time.sleep(0.2)
-        missing = [e for e in produced if e not in received]
-        assert not missing, f"lost across the broker restart: {missing}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        broker.stop()
+    proc = start_agent(broker.port, clip, extra=("--flush-timeout", "30"))
+    sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
+    broker.stop()
+    time.sleep(4)  # the clip loops: faces are lost and found while the broker is down
+    broker.start()
+    time.sleep(3)
+    code, _, err = stop_agent(proc)
+    assert code == 0, err
+    produced = [(kind, int(face)) for kind, face in EVENT_LOG.findall(err)]
+    assert len(produced) >= 6
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        received = [(t.rsplit("/", 1)[1], json.loads(p)["face_id"]) for t, p, _ in sub.all]
+        if all(e in received for e in produced):
+            break
+        time.sleep(0.2)
+    missing = [e for e in produced if e not in received]
+    assert not missing, f"lost across the broker restart: {missing}"
 
 
-def test_unreachable_camera_keeps_the_agent_running_and_says_so(broker, subscriber_factory, tmp_path):
+def test_unreachable_camera_keeps_the_agent_running_and_says_so(broker, subscriber_factory, start_agent, tmp_path):
     from tests.conftest import free_port
 
     config = tmp_path / "config.yaml"
     config.write_text("mqtt:\n  stats_interval_s: 1\ncamera:\n  retry_initial_s: 0.2\n  retry_max_s: 0.5\n")
     sub = subscriber_factory(broker.port, "life/agent/#")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), "--source",
-                             f"http://127.0.0.1:{free_port()}/camera.mjpg", "--mqtt-port", str(broker.port),
-                             "--topic-prefix", "life/agent"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        _, payload, _ = sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1], timeout=30)
-        assert json.loads(payload)["frames"] == 0
-        fresh = subscriber_factory(broker.port, "life/agent/stats")
-        assert fresh.wait_for(lambda m: m[2])  # retained: a dashboard sees the camera's state at once
-        assert proc.poll() is None
-        code, took, err = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc = start_agent(broker.port, f"http://127.0.0.1:{free_port()}/camera.mjpg", config=config)
+    _, payload, _ = sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1], timeout=30)
+    assert json.loads(payload)["frames"] == 0
+    fresh = subscriber_factory(broker.port, "life/agent/stats")
+    assert fresh.wait_for(lambda m: m[2])  # retained: a dashboard sees the camera's state at once
+    assert proc.poll() is None
+    code, took, err = stop_agent(proc)
     assert code == 0 and took < 5.0, err
 
 
-def test_home_assistant_birth_gets_discovery_again(broker, subscriber_factory, clip):
+def test_home_assistant_birth_gets_discovery_again(broker, subscriber_factory, start_agent, clip):
     proc = start_agent(broker.port, clip)
-    try:
-        first = subscriber_factory(broker.port, "homeassistant/+/+/+/config")
-        first.wait_for(lambda m: m[0].endswith("dominant_emotion/config"), timeout=60)
-        watcher = subscriber_factory(broker.port, "homeassistant/#")
-        watcher.wait_for(lambda m: m[0].endswith("/config"))
-        before = sum(1 for t, _, r in watcher.all if t.endswith("/config") and not r)
-        watcher.client.publish("homeassistant/status", "online", qos=1)
-        # a live (not retained) copy of the discovery messages arrives after the birth message
-        watcher.wait_for(lambda m: m[0].endswith("dominant_emotion/config") and not m[2], timeout=10)
-        assert sum(1 for t, _, r in watcher.all if t.endswith("/config") and not r) > before
-        code, _, err = stop(proc)
-        assert code == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    first = subscriber_factory(broker.port, "homeassistant/+/+/+/config")
+    first.wait_for(lambda m: m[0].endswith("dominant_emotion/config"), timeout=60)
+    watcher = subscriber_factory(broker.port, "homeassistant/#")
+    watcher.wait_for(lambda m: m[0].endswith("/config"))
+    before = sum(1 for t, _, r in watcher.all if t.endswith("/config") and not r)
+    watcher.client.publish("homeassistant/status", "online", qos=1)
+    # a live (not retained) copy of the discovery messages arrives after the birth message
+    watcher.wait_for(lambda m: m[0].endswith("dominant_emotion/config") and not m[2], timeout=10)
+    assert sum(1 for t, _, r in watcher.all if t.endswith("/config") and not r) > before
+    code, _, err = stop_agent(proc)
+    assert code == 0, err
 
 
 def retained_once_in(port: int, subscriber_factory, config: Path) -> dict[str, bytes]:
@@ -331,51 +292,35 @@ def test_a_restart_with_other_topics_empties_what_the_last_run_left_retained(bro
 
 
 def test_a_reload_that_moves_the_topics_while_the_broker_is_down_still_empties_the_old_ones(
-        tmp_path, subscriber_factory, clip):
+        persistent_broker, tmp_path, subscriber_factory, start_agent, clip):
     # The old agent's emptying cannot reach a broker that is down, and its connection is closed
     # for the new one: the record hands the old topics to the new agent, which empties them.
-    broker = Broker(tmp_path, persistent=True)
-    broker.start()
+    broker = persistent_broker
     config, state = tmp_path / "config.yaml", tmp_path / "state"
     state.mkdir()
     config.write_text("mqtt:\n  topic_prefix: first/agent\n  reconnect_max_s: 1\n")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--source", str(clip), "--loop", "--realtime",
-                             "--config", str(config), "--mqtt-port", str(broker.port)],
-                            env=dict(os.environ, STATE_DIRECTORY=str(state)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        subscriber_factory(broker.port, "first/#").wait_for(lambda m: m[0] == "first/agent/state", timeout=60)
-        broker.stop()
-        config.write_text("mqtt:\n  topic_prefix: second/agent\n  reconnect_max_s: 1\n")
-        proc.send_signal(signal.SIGHUP)
-        time.sleep(5)  # the old connection gives up on its queue (3 s) and the new agent starts
-        broker.start()
-        subscriber_factory(broker.port, "second/#").wait_for(lambda m: m[0] == "second/agent/state", timeout=60)
-        code, _, err = stop(proc)
-        assert code == 0, err
-        kept = retained_once_in(broker.port, subscriber_factory, config)
-        assert not [t for t in kept if t.startswith("first/agent/") and t != "first/agent/availability"]
-        assert not [t for t, p in kept.items() if t.startswith("homeassistant/") and b"first/agent" in p]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        broker.stop()
+    proc = start_agent(broker.port, clip, config=config, prefix="", env=dict(os.environ, STATE_DIRECTORY=str(state)))
+    subscriber_factory(broker.port, "first/#").wait_for(lambda m: m[0] == "first/agent/state", timeout=60)
+    broker.stop()
+    config.write_text("mqtt:\n  topic_prefix: second/agent\n  reconnect_max_s: 1\n")
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(5)  # the old connection gives up on its queue (3 s) and the new agent starts
+    broker.start()
+    subscriber_factory(broker.port, "second/#").wait_for(lambda m: m[0] == "second/agent/state", timeout=60)
+    code, _, err = stop_agent(proc)
+    assert code == 0, err
+    kept = retained_once_in(broker.port, subscriber_factory, config)
+    assert not [t for t in kept if t.startswith("first/agent/") and t != "first/agent/availability"]
+    assert not [t for t, p in kept.items() if t.startswith("homeassistant/") and b"first/agent" in p]
 
 
-def test_a_reload_during_a_file_run_goes_on_from_where_it_was(broker, subscriber_factory, tmp_path):
+def test_a_reload_during_a_file_run_goes_on_from_where_it_was(running_with_a_config, tmp_path):
     # Played from the start again, the video's events would all be published twice.
     video = still_video(tmp_path / "clip.avi", seconds=6)  # 60 frames at 10 frames/s
-    config = tmp_path / "config.yaml"
-    config.write_text("smoothing:\n  dwell_s: 0.25\n")
-    sub = subscriber_factory(broker.port, "life/agent/#")
-    proc = start_agent(broker.port, video, config=config, extra=())  # no --loop: the run ends with the video
-    try:
-        sub.wait_for(lambda m: m[0] == "life/agent/event/emotion_changed", timeout=60)
-        proc.send_signal(signal.SIGHUP)
-        err = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # no --loop: the run ends with the video
+    _, sub, proc = running_with_a_config("smoothing:\n  dwell_s: 0.25\n", video, loop=False)
+    proc.send_signal(signal.SIGHUP)
+    err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 0, err
     assert "configuration reloaded" in err and "SIGHUP: the video goes on from frame" in err
     sub.wait_for(lambda m: m[0] == "life/agent/availability" and m[1] == b"offline")
@@ -385,7 +330,7 @@ def test_a_reload_during_a_file_run_goes_on_from_where_it_was(broker, subscriber
 
 
 def test_a_stalled_mjpeg_stream_is_reported_its_faces_lost_and_it_comes_back(broker, subscriber_factory, mjpeg_server,
-                                                                            tmp_path):
+                                                                            start_agent, tmp_path):
     # An ESP32-CAM on Wi-Fi stalls with its connection open: the stats said "ok" for 30 s, and a
     # SIGTERM while the capture waited on it took over 5 s.
     from tests.conftest import astronaut_bgr
@@ -396,31 +341,25 @@ def test_a_stalled_mjpeg_stream_is_reported_its_faces_lost_and_it_comes_back(bro
     config.write_text("mqtt:\n  stats_interval_s: 1\n"
                       "camera:\n  retry_initial_s: 0.2\n  retry_max_s: 0.5\n  stall_timeout_s: 1.5\n")
     sub = subscriber_factory(broker.port, "life/agent/#")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), "--source", server.url,
-                             "--mqtt-port", str(broker.port), "--topic-prefix", "life/agent", "--log-level", "info"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared", timeout=60)
-        time.sleep(1)
-        before = len(sub.all)
-        stalled = time.monotonic()
-        server.stall()
+    proc = start_agent(broker.port, server.url, config=config)
+    sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared", timeout=60)
+    time.sleep(1)
+    before = len(sub.all)
+    stalled = time.monotonic()
+    server.stall()
 
-        def since_the_stall(m) -> bool:
-            return sub.all.index(m) >= before
+    def since_the_stall(m) -> bool:
+        return sub.all.index(m) >= before
 
-        sub.wait_for(lambda m: m[0] == "life/agent/event/face_lost" and since_the_stall(m), timeout=5)
-        sub.wait_for(lambda m: m[0] == "life/agent/state" and b'"faces_in_view":0' in m[1] and since_the_stall(m))
-        sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1] and since_the_stall(m),
-                     timeout=10)
-        assert time.monotonic() - stalled < 5
-        server.resume()
-        sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and since_the_stall(m), timeout=10)
-        server.stall()
-        time.sleep(0.5)  # the capture thread waits in a read
-        code, took, err = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sub.wait_for(lambda m: m[0] == "life/agent/event/face_lost" and since_the_stall(m), timeout=5)
+    sub.wait_for(lambda m: m[0] == "life/agent/state" and b'"faces_in_view":0' in m[1] and since_the_stall(m))
+    sub.wait_for(lambda m: m[0] == "life/agent/stats" and b'"reconnecting"' in m[1] and since_the_stall(m),
+                 timeout=10)
+    assert time.monotonic() - stalled < 5
+    server.resume()
+    sub.wait_for(lambda m: m[0] == "life/agent/event/face_appeared" and since_the_stall(m), timeout=10)
+    server.stall()
+    time.sleep(0.5)  # the capture thread waits in a read
+    code, took, err = stop_agent(proc)
     assert code == 0 and took < 5.0, err
     assert err.count("reconnecting (it stopped giving frames") == 1 and err.count(f"stream {server.url}: ok") == 2, err

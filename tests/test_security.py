@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agent.mqtt import BrokerSettings, Message, MqttPublisher
-from tests.conftest import ROOT, Broker, Subscriber, free_port, reload_and_wait_for, wait_until
+from tests.conftest import ROOT, Broker, Subscriber, free_port, reload_and_wait_for, stop_agent, wait_until
 
 PREFIX = "test/agent"
 ALLOWED_ROOTS = (f"{PREFIX}/", "homeassistant/")
@@ -409,31 +409,33 @@ def test_an_encrypted_client_key_is_one_line_not_a_passphrase_prompt(tmp_path):
         f"cannot type: decrypt it (openssl pkey -in KEY -out PLAIN): {tmp_path / 'client.key'}"]
 
 
-def start_agent_with_its_own_ca_file(tmp_path: Path, pki: Path, port: int) -> tuple[subprocess.Popen, Path]:
-    """The agent over TLS on a looping clip, its CA file a copy of the PKI's that a test can
-    replace in place; returns the process and that file."""
+@pytest.fixture
+def start_agent_with_its_own_ca_file(tmp_path: Path, pki: Path, agent_process):
+    """Starts the agent over TLS to the broker on `port`, on a looping clip, its CA file a copy of the
+    PKI's that a test can replace in place; returns the process and that file."""
     from tests.test_end_to_end import still_video
 
-    ca_file = tmp_path / "agent-ca.pem"
-    shutil.copy(pki / "ca.pem", ca_file)
-    secret = tmp_path / "mqtt_password"
-    secret.write_text(AGENT_PASSWORD + "\n")
-    config = write_config(tmp_path / "config.yaml", port, pki, password_file=secret)
-    config.write_text(config.read_text().replace(str(pki / "ca.pem"), str(ca_file)))
-    clip = still_video(tmp_path / "clip.avi", seconds=4)
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), "--source", str(clip),
-                             "--loop", "--realtime"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env())
-    return proc, ca_file
+    def start(port: int) -> tuple[subprocess.Popen, Path]:
+        ca_file = tmp_path / "agent-ca.pem"
+        shutil.copy(pki / "ca.pem", ca_file)
+        secret = tmp_path / "mqtt_password"
+        secret.write_text(AGENT_PASSWORD + "\n")
+        config = write_config(tmp_path / "config.yaml", port, pki, password_file=secret)
+        config.write_text(config.read_text().replace(str(pki / "ca.pem"), str(ca_file)))
+        clip = still_video(tmp_path / "clip.avi", seconds=4)
+        proc = agent_process("--config", str(config), "--source", str(clip), "--loop", "--realtime", env=clean_env())
+        return proc, ca_file
+    return start
 
 
-def test_a_reload_after_the_ca_file_was_renewed_in_place_connects_with_the_new_one(pki, tmp_path):
+def test_a_reload_after_the_ca_file_was_renewed_in_place_connects_with_the_new_one(
+        pki, tmp_path, start_agent_with_its_own_ca_file):
     # The same path in the config, new contents: the reload kept the connection and its old TLS
     # context, and once the broker served the new CA's certificate the agent never got back in.
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
     first = tls_broker(tmp_path / "first", pki)
-    proc, ca_file = start_agent_with_its_own_ca_file(tmp_path, pki, first.port)
+    proc, ca_file = start_agent_with_its_own_ca_file(first.port)
     second = None
     try:
         sub = reader(first.port, pki, f"{PREFIX}/#")
@@ -449,35 +451,28 @@ def test_a_reload_after_the_ca_file_was_renewed_in_place_connects_with_the_new_o
         later.start()
         later.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=30)
         later.stop()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        code, _, err = stop_agent(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
         first.stop()
         if second is not None:
             second.stop()
-    assert proc.returncode == 0, err[-3000:]
+    assert code == 0, err[-3000:]
     assert "SIGHUP: the TLS files changed: connecting again with them" in err
 
 
-def test_a_reload_while_the_ca_file_is_half_written_keeps_the_connection(secure_broker, pki, tmp_path):
+def test_a_reload_while_the_ca_file_is_half_written_keeps_the_connection(secure_broker, pki,
+                                                                         start_agent_with_its_own_ca_file):
     # Other contents that do not load (a copy under way): the connection was closed for them, the
     # new one could not be made, nor the old config's, and the daemon exited.
-    proc, ca_file = start_agent_with_its_own_ca_file(tmp_path, pki, secure_broker.port)
-    try:
-        sub = reader(secure_broker.port, pki, f"{PREFIX}/#")
-        sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=60)
-        ca_file.write_text("")
-        reload_and_wait_for(proc, sub, f"{PREFIX}/event/face_appeared")
-        sub.stop()
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    proc, ca_file = start_agent_with_its_own_ca_file(secure_broker.port)
+    sub = reader(secure_broker.port, pki, f"{PREFIX}/#")
+    sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=60)
+    ca_file.write_text("")
+    reload_and_wait_for(proc, sub, f"{PREFIX}/event/face_appeared")
+    sub.stop()
+    assert proc.poll() is None
+    code, _, err = stop_agent(proc)
+    assert code == 0, err[-3000:]
     assert "the broker connection keeps the TLS files it has" in err
     assert err.count("connected to broker") == 1
 
