@@ -64,9 +64,8 @@ def test_last_will_marks_a_vanished_agent_offline(broker, subscriber_factory):
         proc.wait()
 
 
-def test_events_published_before_the_broker_exists_arrive_in_order(tmp_path, subscriber_factory):
-    broker = Broker(tmp_path, persistent=True)
-    broker.start()
+def test_events_published_before_the_broker_exists_arrive_in_order(persistent_broker, subscriber_factory):
+    broker = persistent_broker
     # A persistent subscriber session, as Home Assistant or Node-RED would have.
     sub = subscriber_factory(broker.port, "test/events", client_id="listener", clean_session=False)
     broker.stop()
@@ -87,12 +86,10 @@ def test_events_published_before_the_broker_exists_arrive_in_order(tmp_path, sub
         assert pub.dropped == 0
     finally:
         pub.close()
-        broker.stop()
 
 
-def test_broker_restart_loses_no_event_and_republishes_retained_state(tmp_path, subscriber_factory):
-    broker = Broker(tmp_path, persistent=True)
-    broker.start()
+def test_broker_restart_loses_no_event_and_republishes_retained_state(persistent_broker, subscriber_factory):
+    broker = persistent_broker
     sub = subscriber_factory(broker.port, ["test/events", "test/state", AVAIL], client_id="listener",
                              clean_session=False)
     pub = make_publisher(broker.port, qos=1)
@@ -122,7 +119,6 @@ def test_broker_restart_loses_no_event_and_republishes_retained_state(tmp_path, 
         fresh.wait_for(is_msg(AVAIL, b"online", retained=True))
     finally:
         pub.close()
-        broker.stop()
 
 
 @pytest.mark.parametrize("qos", [0, 1])
