@@ -328,26 +328,20 @@ def test_second_install_keeps_the_users_config_and_upgrades_the_code(tmp_path):
     assert not (source / "build").exists() and not list(source.glob("*.egg-info")), "built inside the checkout"
 
 
-def test_install_refuses_a_bad_config_before_touching_the_unit(tmp_path):
+@pytest.mark.parametrize("name, text, setting, unit", [
+    pytest.param("config.yaml", "mqtt:\n  port: many\n", "mqtt.port", "emotion-agent.service", id="config"),
+    pytest.param("kitchen.yaml", "source: 1\ndetector:\n  interval_s: soon\n", "detector.interval_s",
+                 "emotion-agent@.service", id="instance-config"),
+])
+def test_install_refuses_a_bad_config_before_touching_its_unit(tmp_path, name, text, setting, unit):
     root = tmp_path / "root"
-    config = root / "etc/emotion-agent/config.yaml"
+    config = root / "etc/emotion-agent" / name
     config.parent.mkdir(parents=True)
-    config.write_text("mqtt:\n  port: many\n")
+    config.write_text(text)
     done = install(root)
     assert done.returncode != 0
-    assert "mqtt.port" in done.stderr and f"fix {config}" in done.stderr
-    assert not (root / "etc/systemd/system/emotion-agent.service").exists()
-
-
-def test_install_refuses_a_bad_instance_config_before_touching_the_units(tmp_path):
-    root = tmp_path / "root"
-    (root / "etc/emotion-agent").mkdir(parents=True)
-    kitchen = root / "etc/emotion-agent/kitchen.yaml"
-    kitchen.write_text("source: 1\ndetector:\n  interval_s: soon\n")
-    done = install(root)
-    assert done.returncode != 0
-    assert "detector.interval_s" in done.stderr and f"fix {kitchen}" in done.stderr
-    assert not (root / "etc/systemd/system/emotion-agent@.service").exists()
+    assert setting in done.stderr and f"fix {config}" in done.stderr
+    assert not (root / "etc/systemd/system" / unit).exists()
 
 
 def test_uninstall_removes_what_install_added_and_keeps_config_unless_purged(tmp_path):
