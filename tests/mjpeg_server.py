@@ -1,6 +1,6 @@
 """A real MJPEG-over-HTTP server in the way an ESP32-CAM serves one (`/stream`,
-multipart/x-mixed-replace, one JPEG per part, chunked), that a test can stall, reboot or make send a
-damaged part. Also a command, to point the agent at by hand:
+multipart/x-mixed-replace, one JPEG per part, chunked), that a test can stall, take down and up again
+(as a reboot does) or make send a damaged part. Also a command, to point the agent at by hand:
 
     python tests/mjpeg_server.py PORT photo.jpg|video.mp4 [FPS]
 """
@@ -44,10 +44,10 @@ def video_jpegs(path: str, limit: int = 60, step: int = 1) -> list[bytes]:
 
 class MjpegServer:
     """Serves `frames` in a loop at `fps` to every client of /stream, on a port of its own that
-    stays the same across `reboot`s.
+    stays the same across `down()` and `up()`.
 
     `stall()`: every connection stays open and sends nothing more, until `resume()`.
-    `reboot(down_s)`: every connection is closed and the port refuses for `down_s`.
+    `down()`: every connection is closed and the port refuses, until `up()`.
     `send_next(data)`: the next part each client gets carries `data` instead of a frame.
     """
 
@@ -121,7 +121,7 @@ class MjpegServer:
                 self.sent += 1
                 time.sleep(1.0 / self.fps)
         except OSError:
-            pass  # the client went, or a reboot closed the connection
+            pass  # the client went, or down() closed the connection
         finally:
             with self._lock:
                 self._clients.discard(conn)
@@ -160,11 +160,6 @@ class MjpegServer:
 
     def up(self) -> None:
         self._listen()
-
-    def reboot(self, down_s: float) -> None:
-        self.down()
-        time.sleep(down_s)
-        self.up()
 
     def close(self) -> None:
         self._running.set()
