@@ -322,8 +322,10 @@ def test_second_install_keeps_the_users_config_and_upgrades_the_code(tmp_path):
     assert config.read_text() == "source: rtsp://camera.local/stream\n"
     assert "keeping the existing" in done.stdout
     python = root / "opt/emotion-agent/venv/bin/python"
+    # Without PYTHONPATH: a developer's pointing at a checkout would import that, not the installed copy.
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     upgraded = subprocess.run([str(python), "-c", "import agent; print(agent.UPGRADED)"], capture_output=True,
-                              text=True, timeout=60, cwd=tmp_path)
+                              text=True, timeout=60, cwd=tmp_path, env=clean_env)
     assert upgraded.stdout.strip() == "True", upgraded.stderr
     assert not (source / "build").exists() and not list(source.glob("*.egg-info")), "built inside the checkout"
 
