@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 from agent import __version__
 from agent.argtypes import Parser, port, positive_seconds
 from agent.config import Config, load_config, read_password, redact_url
-from agent.errors import AgentError, ConfigError, SourceError
+from agent.errors import AgentError, ConfigError, SourceError, interrupted
 from agent.signal_event import SignalSafeEvent
 
 if TYPE_CHECKING:  # paho and OpenCV load only when running
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # also during start-up, while the imports run
         return 130
     except Exception as exc:
-        return report_error(exc)
+        return 130 if interrupted(exc) else report_error(exc)
 
 
 def flushed(code: int) -> int:

@@ -8,10 +8,14 @@ in that time would print a traceback instead of exiting with 130 as it does ever
 
 from __future__ import annotations
 
+from agent.errors import interrupted
+
 
 def main() -> int:
     try:
         from agent.cli import main as cli_main
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:
+        if interrupted(exc):
+            return 130
+        raise
     return cli_main()

@@ -35,3 +35,16 @@ class PreviewError(AgentError):
     """The preview window cannot be opened (no display, no GUI support)."""
 
     exit_code = 6
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Whether `exc` is a Ctrl-C, or an error a Ctrl-C caused: Python reports one that lands in an
+    extension module's initialisation as an ImportError, and (before 3.12) one in a dataclass
+    field's set-up as a RuntimeError, each with the KeyboardInterrupt as its cause."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from agent.cli import flushed, report_error
-from agent.errors import ConfigError
+from agent.errors import ConfigError, interrupted
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.progress import Progress
@@ -403,11 +403,13 @@ def format_pooled(runs: Sequence[RunFigures]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return flushed(_main(argv))
-    except KeyboardInterrupt:  # Ctrl-C: the reports printed so far stand, and no traceback
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:
+        pass
     except Exception as exc:  # one line and the exit code the emotion-agent command gives
-        return report_error(exc)
+        if not interrupted(exc):
+            return report_error(exc)
+    print("interrupted", file=sys.stderr)  # Ctrl-C: the reports printed so far stand, and no traceback
+    return 130
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ModelError
+from agent.errors import ModelError, interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def _not_installed(exc: ImportError) -> None:
     """Returns for a runtime that is not there; re-raises a Ctrl-C that came during its import,
     which an extension module's initialisation reports as an ImportError caused by it."""
-    if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+    if interrupted(exc):
         raise KeyboardInterrupt from None
 
 

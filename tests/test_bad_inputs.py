@@ -107,6 +107,35 @@ def test_ctrl_c_while_the_command_starts_is_exit_130_without_a_traceback(tmp_pat
     assert result.returncode == 130
 
 
+# Stands in for a Ctrl-C that lands while a dataclass field of MODULE is set up (every field of the
+# config and the pipeline is one); Python 3.11 reports it as a RuntimeError caused by the Ctrl-C.
+INTERRUPTING_SITECUSTOMIZE = """\
+import dataclasses, os, signal
+module, set_name = {module!r}, dataclasses.Field.__set_name__
+def interrupting(field, owner, name):
+    global module
+    if owner.__module__ == module:
+        module = None
+        os.kill(os.getpid(), signal.SIGINT)
+    return set_name(field, owner, name)
+dataclasses.Field.__set_name__ = interrupting
+"""
+
+
+@pytest.mark.parametrize("command", _commands(), ids=lambda c: Path(c[-1]).name)
+@pytest.mark.parametrize("module", ["agent.config", "agent.pipeline"])  # the script's import; run's own
+def test_ctrl_c_in_a_dataclass_being_set_up_is_exit_130_without_a_traceback(tmp_path, command, module):
+    # On Python 3.11 it was a traceback at agent.config and an "internal error ... please report it"
+    # at agent.pipeline, both exit 1.
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPTING_SITECUSTOMIZE.format(module=module))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    result = subprocess.run([*command, "run", "--source", "missing.mp4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120, cwd=tmp_path)
+    err = result.stderr.decode()
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert result.returncode == 130, err
+
+
 def test_eval_reads_a_face_whose_file_name_is_not_utf8(tmp_path):
     # cv2.imread segfaulted on the name; the bytes are now read by Python and decoded by OpenCV.
     import cv2
