@@ -111,6 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     reload_pending = SignalSafeEvent()
     record = RetainedRecord(record_path(os.environ.get("STATE_DIRECTORY"), args.config, args.topic_prefix))
     start_index = 0  # where a video file starts: after a reload, the frame the last agent reached
+    first_face_id = 1  # after a reload, the last agent's next: a face id is never reused while the process runs
     while True:
         if terminate.is_set():
             if kept_publisher is not None:  # stopped between two agents: the kept connection says goodbye
@@ -119,7 +120,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 0
         try:
             agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, start_index=start_index,
-                                publisher=kept_publisher)
+                                first_face_id=first_face_id, publisher=kept_publisher)
         except Exception as exc:
             if previous_cfg is None:
                 raise
@@ -187,6 +188,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             start_index = result.next_index if file_run and new_cfg.source == cfg.source else 0
             if start_index:
                 logger.info("SIGHUP: the video goes on from frame %d", start_index)
+            first_face_id = agent.tracker.next_id
             if _same_connection(cfg, new_cfg, agent.publisher):
                 # The same broker, topics and queue: keep the connection and whatever waits in its
                 # queue, with no `offline` blip for subscribers.

@@ -53,10 +53,11 @@ class FaceStateTracker:
 
     def __init__(self, *, max_gap_s: float = 1.0, min_iou: float = 0.2,
                  smoothing_window_s: float = _DEFAULTS.window_s, change_margin: float = _DEFAULTS.change_margin,
-                 dwell_s: float = _DEFAULTS.dwell_s, confidence_gate: float = _DEFAULTS.confidence_gate):
+                 dwell_s: float = _DEFAULTS.dwell_s, confidence_gate: float = _DEFAULTS.confidence_gate,
+                 first_id: int = 1):
         self.params = SmoothingParams(window_s=smoothing_window_s, change_margin=change_margin, dwell_s=dwell_s,
                                       confidence_gate=confidence_gate)
-        self._tracker = BoxTracker(max_gap_s=max_gap_s, min_iou=min_iou)
+        self._tracker = BoxTracker(max_gap_s=max_gap_s, min_iou=min_iou, first_id=first_id)
         self._faces: dict[int, _Face] = {}
 
     def update(self, now: float, observations: Sequence[FaceObservation]) -> tuple[list[TrackedFace], list[Event]]:
@@ -94,6 +95,11 @@ class FaceStateTracker:
         events: list[Event] = [face.lost(now) for face in self._faces.values()]
         self._faces.clear()
         return events
+
+    @property
+    def next_id(self) -> int:
+        """The id the next new face gets."""
+        return self._tracker.next_id
 
     def faces(self) -> list[TrackedFace]:
         return [self._faces[i].snapshot() for i in sorted(self._faces)]

@@ -51,10 +51,11 @@ def make_classifier_from(cfg: Config) -> EmotionClassifier:
     return TFLiteEmotionClassifier(model_path(c.model, DEFAULT_EMOTION_MODEL), crop_margin=c.crop_margin, threads=c.threads)
 
 
-def make_tracker_from(cfg: Config) -> FaceStateTracker:
+def make_tracker_from(cfg: Config, first_id: int = 1) -> FaceStateTracker:
     t, s = cfg.tracking, cfg.smoothing
     return FaceStateTracker(max_gap_s=t.max_gap_s, min_iou=t.min_iou, smoothing_window_s=s.window_s,
-                            change_margin=s.change_margin, dwell_s=s.dwell_s, confidence_gate=s.confidence_gate)
+                            change_margin=s.change_margin, dwell_s=s.dwell_s, confidence_gate=s.confidence_gate,
+                            first_id=first_id)
 
 
 def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, bytes], None]) -> MqttPublisher:
@@ -366,10 +367,11 @@ class Agent:
 
 
 def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop: bool = False,
-                start_index: int = 0, source: FrameSource | None = None, publisher: Publisher | None = None) -> Agent:
+                start_index: int = 0, first_face_id: int = 1, source: FrameSource | None = None,
+                publisher: Publisher | None = None) -> Agent:
     """Every stage from the config (a source or publisher given here replaces the configured one;
-    `start_index`: the frame a video file starts at). Raises AgentError subclasses with one-line
-    messages."""
+    `start_index`: the frame a video file starts at; `first_face_id`: the id of its first face, so
+    that a reload reuses none). Raises AgentError subclasses with one-line messages."""
     topics = Topics(topic_root(cfg.mqtt))
     preview = None
     if show:  # first: a missing display should not wait for the models to load
@@ -401,6 +403,6 @@ def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop
             source.close()
             raise
     agent = Agent(cfg=cfg, source=source, detector=detector, classifier=classifier,
-                  tracker=make_tracker_from(cfg), publisher=publisher, topics=topics, preview=preview)
+                  tracker=make_tracker_from(cfg, first_face_id), publisher=publisher, topics=topics, preview=preview)
     holder["agent"] = agent
     return agent

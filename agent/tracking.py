@@ -106,7 +106,7 @@ class BoxTracker:
     """Assigns a stable id to each face box, frame after frame."""
 
     def __init__(self, *, max_gap_s: float = 1.0, min_iou: float = 0.2, max_center_distance: float = 0.5,
-                 max_size_ratio: float = 1.4, velocity_window_s: float = 0.25):
+                 max_size_ratio: float = 1.4, velocity_window_s: float = 0.25, first_id: int = 1):
         """
         max_gap_s: a track unseen for longer than this is lost.
         min_iou: a box matches a track if it overlaps the track's predicted box at least this much...
@@ -116,6 +116,7 @@ class BoxTracker:
             twice that per second unseen. Between two frames a face hardly changes size; a box 1.5x
             larger or smaller at the same place is another face (a scene cut, someone passing in front).
         velocity_window_s: time constant of the velocity estimate's moving average.
+        first_id: the id of the first new track (a reloaded pipeline goes on from the last one's next_id).
         """
         self.max_gap_s = max_gap_s
         self.min_iou = min_iou
@@ -123,8 +124,13 @@ class BoxTracker:
         self.max_size_ratio = max_size_ratio
         self.velocity_window_s = velocity_window_s
         self._tracks: dict[int, _Track] = {}
-        self._next_id = 1
+        self._next_id = first_id
         self._last_update: float | None = None
+
+    @property
+    def next_id(self) -> int:
+        """The id the next new track gets."""
+        return self._next_id
 
     @property
     def open_ids(self) -> tuple[int, ...]:

@@ -74,6 +74,7 @@ def running_with_a_config(broker, subscriber_factory, start_agent, tmp_path):
 def test_a_reload_that_keeps_the_broker_keeps_the_connection(running_with_a_config, clip):
     config, sub, proc = running_with_a_config("smoothing:\n  dwell_s: 0.25\n", clip)
     config.write_text("smoothing:\n  dwell_s: 0.5\n")
+    before = len(sub.all)
     # The pipeline restarts (the face is found again under a new id) on the same connection.
     reload_and_wait_for(proc, sub, "life/agent/event/face_appeared")
     code, _, err = stop_agent(proc)
@@ -82,6 +83,11 @@ def test_a_reload_that_keeps_the_broker_keeps_the_connection(running_with_a_conf
     availability = [p for t, p, _ in sub.all if t == "life/agent/availability"]
     assert availability == [b"online", b"offline"], "a reload on the same broker must not blink offline"
     assert err.count("connected to broker") == 1
+    # docs/mqtt.md: a face id is never reused while the agent runs. The reloaded pipeline's tracker
+    # started at 1 again: face_lost 1, then face_appeared 1 for the face found again.
+    appeared = [json.loads(p)["face_id"] for t, p, _ in sub.all if t == "life/agent/event/face_appeared"]
+    earlier = [json.loads(p)["face_id"] for t, p, _ in sub.all[:before] if t == "life/agent/event/face_appeared"]
+    assert earlier and appeared[len(earlier)] > max(earlier), appeared
 
 
 def test_sighup_reloads_the_config(broker, subscriber_factory, start_agent, clip, tmp_path):
