@@ -3,8 +3,8 @@ mosquitto, and watch its memory, file descriptors and threads. Not collected by 
 
     python tests/soak.py --video ../shared/data/videos/hamilton_640x360.mp4 --minutes 10
 
-Samples start once the agent has processed its first frame (its first `state` message), so the
-model loading and the broker connection are behind it. Prints one line per sample and a verdict:
+Samples start once the agent has published its first event (not its first `state`, which comes
+before any frame), so the model loading and the broker connection are behind it. Prints one line per sample and a verdict:
 resident memory of the last third against the first third (medians) grows less than
 --max-growth-mib; descriptors and threads are the same in every sample; messages and frames keep
 coming in the last third; SIGTERM ends it with status 0 within 5 s and its last word is `offline`.
