@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from agent import __version__
 from agent.argtypes import Parser, port, positive_seconds
-from agent.config import Config, load_config, read_password, redact_url
+from agent.config import Config, load_config, read_password, redact_url, setting_location
 from agent.errors import AgentError, ConfigError, SourceError, interrupted
 from agent.signal_event import SignalSafeEvent
 
@@ -81,7 +81,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         kind, target = classify_source(cfg.source)  # the checks `run` makes before opening it
         check_file_source(kind, target)
     except SourceError as exc:
-        raise ConfigError(f"{args.file}: source: {exc}") from None
+        what = str(exc)
+        raise ConfigError(setting_location(args.file, "source")
+                          + (what if what.startswith("source") else f"source: {what}")) from None
     # What `run` loads before its first frame, so that OK here means it starts there.
     from agent.mqtt import check_tls_files
     from agent.pipeline import make_classifier_from, make_detector_from

@@ -318,10 +318,13 @@ def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, line
 def _build(cls: type, data: Any, prefix: str, lines: _Lines) -> Any:
     if data is None:
         data = {}
-    if not isinstance(data, dict):
-        _fail(lines, prefix or "(top level)", f"expected a mapping of settings, got {_shown(data)}")
-    hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        # `tls: true` for `tls: {enabled: true}`: say which setting is meant
+        meant = f" (did you mean {prefix}.enabled: {str(data).lower()}?)" if isinstance(data, bool) \
+            and "enabled" in known else ""
+        _fail(lines, prefix or "(top level)", f"expected a mapping of settings, got {_shown(data)}{meant}")
+    hints = typing.get_type_hints(cls)
     for key in data:
         if key not in known:
             path = f"{prefix}.{key}" if prefix else str(key)
@@ -497,6 +500,32 @@ MAX_MQTT_STRING = 65535  # MQTT's strings carry a 16-bit length
 MAX_CONFIG_DEPTH = 16
 
 
+# A plain value that starts with { or [ is a YAML mapping or list: `topic_prefix: {hostname}/x`
+# does not parse, and the parser's words for it do not say why.
+_FLOW_START = re.compile(r"^\s*(-\s+)?[^#'\"]*?:\s+[{\[]")
+
+
+def _quoting_hint(text: str | None, mark: Any) -> str:
+    if not text or mark is None:
+        return ""
+    for number in {mark.line, max(mark.line - 1, 0)}:  # the parser may stop on the next line
+        line = text.splitlines()[number] if number < len(text.splitlines()) else ""
+        if _FLOW_START.match(line):
+            return f" (line {number + 1}: quote a text value that starts with {{ or [, as in " \
+                   "topic_prefix: \"{hostname}/kitchen\")"
+    return ""
+
+
+def setting_location(path: Path | str, key: str) -> str:
+    """'FILE:LINE: ' of a setting in a config file, for an error found after loading it (the source
+    checks of check-config); 'FILE: ' where the file does not set it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = None
+    return _Lines(text, str(path)).where(key)
+
+
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Validated, frozen config from a YAML file (or the defaults) plus dotted-key overrides."""
     text = None
@@ -551,7 +580,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         mark = getattr(exc, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}: " if mark else f"{origin}: "
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}invalid YAML: {problem}") from None
+        raise ConfigError(f"{where}invalid YAML: {problem}{_quoting_hint(text, mark)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -109,6 +109,14 @@ BAD_CONFIGS = [
     ("source: ''\n", "source: must not be empty"),
     ("- a\n- b\n", "expected a mapping of settings at the top level, got list"),
     ("mqtt:\n  port: [1\n", "invalid YAML"),
+    # config.yaml's own `topic_prefix: "emotion-agent/{hostname}"` without its quotes: YAML's words
+    # alone ("expected <block end>, but found '<scalar>'") do not say why
+    ("mqtt:\n  topic_prefix: {hostname}/kitchen\n", 'config.yaml:2: invalid YAML: expected <block end>, but found '
+     "'<scalar>' (line 2: quote a text value that starts with { or [, as in topic_prefix: \"{hostname}/kitchen\")"),
+    ("mqtt:\n  tls: true\n", "config.yaml:2: mqtt.tls: expected a mapping of settings, got True "
+     "(did you mean mqtt.tls.enabled: true?)"),
+    ("mqtt:\n  discovery: false\n", "mqtt.discovery: expected a mapping of settings, got False "
+     "(did you mean mqtt.discovery.enabled: false?)"),
     ("camera:\n  retry_initial_s: 10\n  retry_max_s: 1\n", "camera.retry_max_s: must be at least"),
     ("smoothing:\n  dwell_s: 1e9\n", "smoothing.dwell_s: expected at most 60, got 1000000000.0"),  # YAML 1.1: '1e9'
     ("smoothing:\n  dwell_s: 1e-9x\n", "smoothing.dwell_s: expected a number, got '1e-9x'"),
@@ -189,11 +197,14 @@ def test_unusable_config_path_is_one_line(tmp_path, capsys, make_path, message):
 
 
 @pytest.mark.parametrize("source, message", [
-    ("/nonexistent/clip.mp4", "source: source not found: /nonexistent/clip.mp4"),
-    ("{tmp}", "source: source is a directory, not a file"),
+    ("/nonexistent/clip.mp4", "config.yaml:3: source not found: /nonexistent/clip.mp4"),
+    ("{tmp}", "config.yaml:3: source is a directory, not a file"),
+    ("{tmp}/fake.png", "config.yaml:3: source: cannot read image {tmp}/fake.png: not an image file"),
 ])
 def test_check_config_checks_the_source_as_run_does(tmp_path, capsys, source, message):
-    path = write(tmp_path, f"source: {source.format(tmp=tmp_path)}\n")
+    (tmp_path / "fake.png").write_text("not a picture")
+    message = message.format(tmp=tmp_path)
+    path = write(tmp_path, f"mqtt:\n  port: 1883\nsource: {source.format(tmp=tmp_path)}\n")
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
