@@ -131,6 +131,9 @@ class DiscoveryConfig:
 class MqttConfig:
     host: str = setting("127.0.0.1", "Broker host name or address.")
     port: int = setting(1883, "Broker port (8883 is usual for TLS).", min=1, max=65535)
+    protocol: str = setting(
+        "auto", "MQTT version: 5 (the broker says when it refuses a message, e.g. by its ACL), 3.1.1, or auto: 5, "
+        "and 3.1.1 from then on if the broker does not speak 5 (mosquitto before 1.6).", choices=("auto", "5", "3.1.1"))
     client_id: str | None = setting(None, "MQTT client id (null: emotion-agent-<hostname>, followed by the topic root "
                                                 "when topic_prefix is not the default).")
     topic_prefix: str = setting(DEFAULT_TOPIC_PREFIX, "Root of every topic; {hostname} is replaced.")
@@ -293,8 +296,9 @@ def _convert(value: Any, meta: dict, base: type, optional: bool, path: str, line
         if value != value or value in (float("inf"), float("-inf")):
             _fail(lines, path, f"expected a finite number, got {_shown(value)}")
     elif base is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and path == "source":
-            value = str(value)  # `source: 0` means camera 0
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (path == "source" or meta.get("choices")):
+            value = str(value)  # `source: 0` means camera 0, `protocol: 5` MQTT 5
         if not isinstance(value, str):
             _fail(lines, path, f"expected a string, got {_shown(value)}")
         _check_text(value, path, lines)

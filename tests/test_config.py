@@ -98,6 +98,12 @@ BAD_CONFIGS = [
     ("mqtt:\n  tls:\n    enabled: yes please\n", "mqtt.tls.enabled: expected true or false, got 'yes please'"),
     ("mqtt:\n  reconnect_min_s: 10\n  reconnect_max_s: 5\n", "mqtt.reconnect_max_s: must be at least"),
     ("detector:\n  kind: yolo\n", "detector.kind: expected one of blazeface, haar, got 'yolo'"),
+    ("mqtt:\n  protocol: 4\n", "config.yaml:2: mqtt.protocol: expected one of auto, 5, 3.1.1, got '4'"),
+    ("mqtt:\n  protocol: 3.1\n", "mqtt.protocol: expected one of auto, 5, 3.1.1, got '3.1'"),
+    ("mqtt:\n  protocol: v5\n", "mqtt.protocol: expected one of auto, 5, 3.1.1, got 'v5'"),
+    ("mqtt:\n  protocol: ''\n", "mqtt.protocol: expected one of auto, 5, 3.1.1, got ''"),
+    ("mqtt:\n  protocol: true\n", "mqtt.protocol: expected a string, got True"),
+    ("mqtt:\n  protocol: null\n", "mqtt.protocol: must not be empty, expected a string"),
     ("detector:\n  model: /nonexistent/model.tflite\n", "detector.model: file not found"),
     ("classifier:\n  model: missing.tflite\n", "classifier.model: file not found: /"),  # in the config's folder
     ("classifier:\n  crop_margin: 5\n", "classifier.crop_margin: expected at most 1.0, got 5.0"),
@@ -252,6 +258,12 @@ def test_two_agents_on_one_host_with_different_topic_roots_get_different_client_
     assert client_id(default) == f"emotion-agent-{host}"
     assert client_id(door) == f"emotion-agent-{host}-door-cam"
     assert client_id(named) == "mine"
+
+
+@pytest.mark.parametrize("written, protocol", [("5", "5"), ("'5'", "5"), ("'3.1.1'", "3.1.1"), ("3.1.1", "3.1.1"),
+                                               ("auto", "auto")])
+def test_mqtt_protocol_takes_5_written_as_a_number_too(tmp_path, written, protocol):
+    assert load_config(write(tmp_path, f"mqtt:\n  protocol: {written}\n")).mqtt.protocol == protocol
 
 
 def test_numbers_in_exponent_notation_are_numbers_though_yaml_1_1_reads_them_as_text(tmp_path):
