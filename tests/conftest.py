@@ -18,6 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.mqtt import BrokerSettings, MqttPublisher
 from tests import sample_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +213,22 @@ def subscriber_factory():
     yield make
     for sub in made:
         sub.stop()
+
+
+@pytest.fixture
+def publishers():
+    """Starts MQTT publishers with the given settings; closed after the test."""
+    made: list[MqttPublisher] = []
+
+    def make(settings: BrokerSettings) -> MqttPublisher:
+        pub = MqttPublisher(settings)
+        made.append(pub)
+        pub.start()
+        return pub
+
+    yield make
+    for pub in made:
+        pub.close(timeout=1.0)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.mqtt import BrokerSettings, Message, MqttPublisher
+from agent.mqtt import BrokerSettings, Message
 from tests.conftest import ROOT, Broker, Subscriber, free_port, reload_and_wait_for, stop_agent, wait_until
 
 PREFIX = "test/agent"
@@ -123,21 +123,6 @@ def agent_settings(port: int, pki: Path, **overrides) -> BrokerSettings:
                   reconnect_min_s=1, reconnect_max_s=1)
     values.update(overrides)
     return BrokerSettings(**values)
-
-
-@pytest.fixture
-def publishers():
-    made: list[MqttPublisher] = []
-
-    def make(settings: BrokerSettings) -> MqttPublisher:
-        pub = MqttPublisher(settings)
-        made.append(pub)
-        pub.start()
-        return pub
-
-    yield make
-    for pub in made:
-        pub.close(timeout=1.0)
 
 
 @dataclass(frozen=True, slots=True)
