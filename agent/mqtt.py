@@ -11,6 +11,10 @@
   is re-sent on connect. An empty retained message (which deletes a topic's value) is sent once,
   like an event.
 - The Last Will publishes a retained `offline` if the agent vanishes.
+- MQTT 5 by default (`protocol` "auto" falls back to 3.1.1 for a broker that refuses 5): under
+  3.1.1 a broker acknowledges a message its ACL refuses as if it took it. A refused message is
+  counted and said once per topic and reason, and is not sent again; nor is one the broker hangs
+  up on each time it is sent (larger than it takes), which paho would re-send at every reconnect.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from typing import Callable, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import BrokerError
 
@@ -108,6 +115,7 @@ class BrokerSettings:
     availability_topic: str
     qos: int = 1
     keepalive_s: int = 30
+    protocol: str = "auto"  # "auto", "5" or "3.1.1"
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -130,8 +138,85 @@ _SOCKET_ERRORS = ("failed to receive on socket: ", "failed to send on socket: ")
 
 SHORT_SESSION_S = 5.0
 KEEPALIVE_TIMEOUT = 141  # the reason code paho gives when the broker says nothing for a keepalive
+UNSUPPORTED_PROTOCOL = 132  # paho's reason for a 3.1.1 broker's CONNACK to an MQTT 5 CONNECT
+NOT_AUTHORIZED = 135
+PACKET_TOO_LARGE = 149
+# What to look at when the broker refuses a message, by its reason code.
+_REFUSAL_HINTS = {NOT_AUTHORIZED: "check the broker's ACL for this user/topic",
+                  PACKET_TOO_LARGE: "the broker's max_packet_size or message_size_limit"}
 # How long paho's thread may take to write the DISCONNECT and end, before the socket is cut.
 STOP_GRACE_S = 1.0
+
+
+def _failure_reason(code: int) -> ReasonCode:
+    """paho's ReasonCode for a failure `code`, under whichever packet MQTT 5 lists it: paho will not
+    name a code for a packet that does not list it."""
+    for packet_type in (PacketTypes.PUBACK, PacketTypes.DISCONNECT, PacketTypes.CONNACK):
+        try:
+            return ReasonCode(packet_type, identifier=code)
+        except (KeyError, ValueError):
+            continue
+    return ReasonCode(PacketTypes.PUBACK, "Unspecified error")
+
+
+def _publish_size(message: Message) -> int:
+    """The bytes of `message`'s MQTT 5 PUBLISH packet, which a broker's Maximum Packet Size counts."""
+    remaining = 2 + len(message.topic.encode()) + (2 if message.qos else 0) + 1 + len(message.payload.encode())
+    length_bytes = next(n for n in (1, 2, 3, 4) if remaining < 128 ** n)
+    return 1 + length_bytes + remaining
+
+
+class _Client(paho.Client):
+    """paho's client with what this publisher needs and paho 2.x does not offer. The one place that
+    reaches into paho's internals (as paho 2.0 to 2.2 have them); tests/test_mqtt5.py holds each
+    use to account against a real broker."""
+
+    @property
+    def speaks_mqtt5(self) -> bool:
+        return self._protocol == paho.MQTTv5  # paho 2.0.0's `protocol` property recurses forever
+
+    def use_mqtt311(self) -> None:
+        """Speak MQTT 3.1.1, with a clean session, from the next connection on. paho fixes the version
+        when the client is made, and a new client would lose the messages this one holds; paho
+        changes `_protocol` itself to fall back from 3.1.1 to 3.1."""
+        self._protocol = paho.MQTTv311
+        self._clean_session = True
+
+    def first_in_flight(self) -> int | None:
+        """The mid of the oldest QoS>0 message not yet acknowledged: the first paho re-sends."""
+        with self._out_message_mutex:
+            return next((mid for mid, m in self._out_messages.items() if m.qos > 0), None)
+
+    def forget(self, mids: list[int]) -> None:
+        """Never send these messages again. From on_connect only, before paho re-sends what was in
+        flight and counts it afresh: at a disconnect, paho 2.0 may be amid that loop."""
+        with self._out_message_mutex:
+            for mid in mids:
+                self._out_messages.pop(mid, None)
+
+    def _handle_pubackcomp(self, cmd):
+        refused = self._refusal() if cmd == "PUBACK" else None
+        return super()._handle_pubackcomp(cmd) if refused is None else refused
+
+    def _handle_pubrec(self):
+        refused = self._refusal()
+        return super()._handle_pubrec() if refused is None else refused
+
+    def _refusal(self) -> MQTTErrorCode | None:
+        """The PUBACK or PUBREC at hand, if its reason code is a failure, ended as paho ends a refused
+        PUBACK: on_publish with the reason, the message released. paho 2.2 answers a refused PUBREC
+        with a PUBREL, as if the broker took the message, and reports the PUBCOMP's success; and it
+        takes mosquitto's PUBACK 149 (Packet too large: its answer to a payload over
+        message_size_limit, a code MQTT 5 gives DISCONNECT only) for a malformed packet, hangs up,
+        and re-sends the message at every reconnect. None for any other acknowledgement."""
+        packet = self._in_packet["packet"]
+        if not self.speaks_mqtt5 or len(packet) < 3 or packet[2] < 0x80:
+            return None
+        mid = int.from_bytes(packet[:2], "big")
+        with self._out_message_mutex:
+            if mid not in self._out_messages:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            return self._do_on_publish(mid, _failure_reason(packet[2]), Properties(PacketTypes.PUBACK))
 
 
 class MqttPublisher:
@@ -149,15 +234,22 @@ class MqttPublisher:
         self._backlog: collections.deque[Message] = collections.deque()
         self._retained: dict[str, Message] = {}
         self._unacked: dict[int, Message] = {}
-        self._early_acks: set[int] = set()
+        # Acknowledged before _send recorded them, with the broker's reason code.
+        self._early_acks: dict[int, ReasonCode] = {}
         self._replayed: set[int] = set()  # retained values in flight at the last disconnect
         self.dropped = 0
+        self.refused = 0  # messages the broker would not take (MQTT 5 says so), or hung up on
+        self._refusals_told: set[tuple[str, int | None]] = set()  # (topic, reason code) already said
+        self._max_packet: int | None = None  # the broker's Maximum Packet Size, from its MQTT 5 CONNACK
+        self._suspect: Message | None = None  # the first message in flight at the last disconnect
+        self._dropped_mids: list[int] = []  # for paho to forget at the next connect (its thread only)
         self.connects = 0
         self.last_error: str | None = None
         self._connected_at = 0.0
         self._short_sessions = 0  # connections in a row that the broker dropped within seconds
         self._socket_error: str | None = None  # what the socket said as paho lost it
         self._hanging_up = False  # close() is disconnecting on purpose
+        self._ended = False  # the connection attempt now over was reported as such (paho's thread only)
         self._refused = False  # the broker's CONNACK refused the connection now being closed
         # Read before the client loads them, so a renewal in between is seen at the next reload.
         self.tls_digest: str | None = None
@@ -174,9 +266,12 @@ class MqttPublisher:
     def settings(self) -> BrokerSettings:
         return self._s
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _Client:
         s = self._s
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
+        if s.protocol == "3.1.1":
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
+        else:
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=paho.MQTTv5)
         client.on_log = self._handle_log
         client.will_set(s.availability_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)),
@@ -194,6 +289,7 @@ class MqttPublisher:
             client.tls_insecure_set(s.tls_insecure)
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
+        client.on_pre_connect = self._handle_pre_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
@@ -201,8 +297,10 @@ class MqttPublisher:
 
     def start(self) -> None:
         """Connect in the background; an unreachable broker is retried with backoff, forever."""
+        # MQTT 5's clean start with no session expiry (the default) is 3.1.1's clean session.
+        clean = {"clean_start": True} if self._client.speaks_mqtt5 else {}
         try:
-            self._client.connect_async(self._s.host, self._s.port, keepalive=self._s.keepalive_s)
+            self._client.connect_async(self._s.host, self._s.port, keepalive=self._s.keepalive_s, **clean)
         except (ValueError, OSError) as exc:
             raise BrokerError(f"mqtt.host: cannot use {self._s.host}:{self._s.port}: {exc}") from None
         self._client.loop_start()
@@ -223,13 +321,13 @@ class MqttPublisher:
         self._socket_error = None
         if reason_code.is_failure:
             self._refused = True  # the broker hangs up next: this is the reason, already given
-            if str(reason_code) != self.last_error:  # once, not at every retry for months
-                logger.error("broker %s:%d refused the connection: %s; retrying", self._s.host, self._s.port,
-                             reason_code)
-            self.last_error = str(reason_code)
+            self._report_refusal(reason_code)
             return
+        client.forget(self._dropped_mids)  # before paho re-sends what was in flight, after this callback
+        self._dropped_mids = []
         online = Message(self._s.availability_topic, ONLINE, retain=True, qos=1)
         with self._lock:
+            self._max_packet = getattr(properties, "MaximumPacketSize", None)
             # Here, not at the disconnect: paho drops the unsent QoS 0 packets when it reconnects,
             # and a message handed to it as the link went down is among them too.
             self._requeue_unsent_qos0()
@@ -256,6 +354,22 @@ class MqttPublisher:
             self._resent = self._connected
             self._idle.notify_all()
 
+    def _report_refusal(self, reason_code: ReasonCode) -> None:
+        """A refused CONNECT, said once, not at every retry for months; a broker that speaks only
+        MQTT 3.1.1 is spoken to in 3.1.1 from then on, where `protocol` is "auto"."""
+        hint = ""
+        if reason_code == UNSUPPORTED_PROTOCOL and self._client.speaks_mqtt5:
+            if self._s.protocol == "auto":
+                self._client.use_mqtt311()
+                logger.info("broker %s:%d does not speak MQTT 5: using MQTT 3.1.1, under which it does not "
+                            "say when it refuses a message", self._s.host, self._s.port)
+                return
+            hint = " (the broker speaks MQTT 3.1.1 only: set mqtt.protocol to auto or 3.1.1)"
+        text = f"{reason_code}{hint}"
+        if text != self.last_error:
+            logger.error("broker %s:%d refused the connection: %s; retrying", self._s.host, self._s.port, text)
+        self.last_error = text
+
     def _handle_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError`: the exception at hand is the reason
         # (refused, unresolvable host, TLS verification failed), which paho logs only at DEBUG.
@@ -272,12 +386,18 @@ class MqttPublisher:
             logger.warning("cannot connect to broker %s:%d: %s; retrying", self._s.host, self._s.port, text)
         self.last_error = text
 
+    def _handle_pre_connect(self, client, userdata) -> None:
+        self._ended = False
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         with self._lock:
             was_connected = self._connected
             self._connected = False
             self._resent = False
             self._idle.notify_all()
+        if self._ended:
+            return  # paho 2.2 says it twice when the link breaks as it re-sends what was in flight
+        self._ended = True
         why = self._socket_error or str(reason_code)
         self._socket_error = None
         refused, self._refused = self._refused, False
@@ -292,11 +412,38 @@ class MqttPublisher:
             # at one a second it would be most of the journal.
             level = logging.DEBUG if self._short_sessions > 3 else logging.WARNING
             logger.log(level, "lost the broker connection (%s); reconnecting", why)
-            if self._short_sessions == 3:
+            if self._drop_what_it_hangs_up_on(lasted):
+                self._short_sessions = 0  # explained, and no other client's doing
+            elif self._short_sessions == 3:
                 logger.warning("the broker keeps dropping this connection as soon as it is made: is another "
                                "client using the client id %r? (set mqtt.client_id)", self._s.client_id)
         elif not refused:  # a refusal was reported with its CONNACK
             self._report_hang_up(reason_code, why)
+
+    def _drop_what_it_hangs_up_on(self, lasted: float) -> bool:
+        """Drop the message the broker hangs up on each time it is sent (over mosquitto's
+        max_packet_size, or outside the ACL of a broker that disconnects for it): paho would re-send
+        it at every reconnect, forever, with everything behind it stuck. It is the first in flight
+        at two disconnects in a row, the second soon after its connect. Every copy goes, and a
+        retained value is not re-sent at the next connect. Lock not held."""
+        mid = self._client.first_in_flight()
+        with self._lock:
+            first = self._unacked.get(mid) if mid is not None else None
+            suspect, self._suspect = self._suspect, first
+            if first is None or first != suspect or lasted >= SHORT_SESSION_S:
+                return False
+            self._suspect = None
+            mids = [m for m, message in self._unacked.items() if message == first]
+            for m in mids:
+                del self._unacked[m]
+            self._note_refusal(first.topic, None, "dropped a message to %s: the broker closed the connection each "
+                               "time it was sent (larger than it takes, or outside its ACL?)", first.topic)
+            self._replayed.difference_update(mids)
+            if self._retained.get(first.topic) == first:
+                del self._retained[first.topic]
+            self._dropped_mids += mids
+            self._idle.notify_all()
+        return True
 
     def _report_hang_up(self, reason_code, why: str) -> None:
         """The connection closed before its CONNACK: a TLS listener hangs up on a plain CONNECT, for
@@ -318,10 +465,12 @@ class MqttPublisher:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
             message = self._unacked.get(mid)
+            if message is not None and reason_code.is_failure:
+                self._note_broker_refusal(message.topic, reason_code)
             latest = self._latest_after_replay(mid, message) if message is not None else None
             if latest is None:
                 if message is None:
-                    self._early_acks.add(mid)  # acknowledged before _send recorded it
+                    self._early_acks[mid] = reason_code  # acknowledged before _send recorded it
                 self._unacked.pop(mid, None)
                 self._idle.notify_all()
                 return
@@ -331,6 +480,20 @@ class MqttPublisher:
         with self._lock:
             self._unacked.pop(mid, None)
             self._idle.notify_all()
+
+    def _note_refusal(self, topic: str, code: int | None, fmt: str, *args) -> None:
+        """Count a message the broker did not take; say so once per topic and reason, not at every
+        message for months (an ACL refuses a topic for as long as it is published). Lock held."""
+        self.refused += 1
+        if (topic, code) not in self._refusals_told:
+            self._refusals_told.add((topic, code))
+            logger.warning(fmt, *args)
+
+    def _note_broker_refusal(self, topic: str, reason_code: ReasonCode) -> None:
+        """A PUBACK or PUBREC's failure reason (MQTT 5 only). Lock held."""
+        hint = _REFUSAL_HINTS.get(reason_code.value)
+        self._note_refusal(topic, reason_code.value, "the broker refused a message to %s: %s%s", topic, reason_code,
+                           f" ({hint})" if hint else "")
 
     def _latest_after_replay(self, mid: int, message: Message) -> Message | None:
         """The value to send after the broker acknowledged `message`, when that was an older
@@ -359,17 +522,35 @@ class MqttPublisher:
 
         paho is called without our lock held: its network thread holds its own lock while it
         calls `_handle_publish`, which takes ours, and the opposite order would deadlock."""
+        if self._too_large(message):
+            return
         info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
         with self._lock:
             kept = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
                 info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and message.qos > 0)  # paho re-sends it after CONNACK
             if kept:
-                if info.mid in self._early_acks:
-                    self._early_acks.discard(info.mid)
-                else:
+                early = self._early_acks.pop(info.mid, None)
+                if early is None:
                     self._unacked[info.mid] = message
+                elif early.is_failure:
+                    self._note_broker_refusal(message.topic, early)
             elif not message.kept_retained:
                 self._queue(message)  # QoS 0 while the link was down: paho would drop it
+
+    def _too_large(self, message: Message) -> bool:
+        """Whether `message` is over the Maximum Packet Size of the broker's MQTT 5 CONNACK, which
+        paho does not check: the broker would hang up on it (counted and said as a refusal)."""
+        limit = self._max_packet
+        if limit is None:
+            return False
+        size = _publish_size(message)
+        if size <= limit:
+            return False
+        with self._lock:
+            self._note_refusal(message.topic, PACKET_TOO_LARGE, "not sending a message to %s: %d bytes, and the "
+                               "broker takes at most %d (%s)", message.topic, size, limit,
+                               _REFUSAL_HINTS[PACKET_TOO_LARGE])
+        return True
 
     def _requeue_unsent_qos0(self) -> None:
         """QoS 0 messages paho had not finished writing when the link dropped: paho discards them
@@ -500,6 +681,7 @@ class MemoryPublisher:
     def __init__(self) -> None:
         self.messages: list[Message] = []
         self.dropped = 0
+        self.refused = 0
         self.connects = 0
 
     def publish(self, message: Message) -> None:

@@ -64,7 +64,8 @@ def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, by
         logger.warning("%s is set but mqtt.username is not: connecting without credentials", PASSWORD_ENV)
     settings = BrokerSettings(
         host=m.host, port=m.port, client_id=client_id(m), availability_topic=topics.availability, qos=m.qos,
-        keepalive_s=m.keepalive_s, username=m.username, password=read_password(m) if m.username else None,
+        keepalive_s=m.keepalive_s, protocol=m.protocol, username=m.username,
+        password=read_password(m) if m.username else None,
         tls=m.tls.enabled, ca_file=m.tls.ca_file, cert_file=m.tls.cert_file, key_file=m.tls.key_file,
         tls_insecure=m.tls.insecure, queue_size=m.queue_size, reconnect_min_s=m.reconnect_min_s,
         reconnect_max_s=m.reconnect_max_s)
@@ -168,8 +169,8 @@ class Agent:
             "dropped_frames": self.source.dropped(),
             "corrupt_frames": self.source.corrupt(),
             "camera": self.source.status(),
-            "mqtt": {"dropped": getattr(pub, "dropped", 0), "pending": pub.pending() if hasattr(pub, "pending") else 0,
-                     "connects": getattr(pub, "connects", 0)},
+            "mqtt": {"dropped": getattr(pub, "dropped", 0), "refused": getattr(pub, "refused", 0),
+                     "pending": pub.pending() if hasattr(pub, "pending") else 0, "connects": getattr(pub, "connects", 0)},
         }
 
     def publish_discovery(self) -> None:

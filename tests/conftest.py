@@ -124,6 +124,33 @@ def stop_agent(proc: subprocess.Popen) -> tuple[int, float, str]:
     return proc.returncode, time.monotonic() - started, err
 
 
+@pytest.fixture
+def restricted_broker(tmp_path):
+    """Starts a mosquitto that admits only `users` (name: password), each held to the ACL file
+    `acl`, with `extra` config lines besides (message_size_limit, max_packet_size); it logs every
+    PUBLISH, taken or denied. Stopped after the test."""
+    made = []
+
+    def make(users: dict[str, str], acl: str, extra: str = "") -> Broker:
+        workdir = tmp_path / f"broker{len(made)}"
+        workdir.mkdir()
+        passwords, acl_file = workdir / "passwords", workdir / "acl"
+        passwords.write_text("".join(f"{user}:{password}\n" for user, password in users.items()))
+        subprocess.run(["mosquitto_passwd", "-U", str(passwords)], check=True)
+        acl_file.write_text(acl)
+        port = free_port()
+        broker = Broker(workdir, port=port, extra_config=(
+            f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\nacl_file {acl_file}\n"
+            f"log_type all\n{extra}"))
+        made.append(broker)
+        broker.start()
+        return broker
+
+    yield make
+    for broker in made:
+        broker.stop()
+
+
 def wait_until(predicate, timeout: float) -> float:
     """Seconds until `predicate()` held; AssertionError past `timeout`."""
     started = time.monotonic()
@@ -144,10 +171,12 @@ class Subscriber:
     """A real MQTT client that records every message it gets, for assertions with timeouts."""
 
     def __init__(self, port: int, topics: str | list[str] = "#", client_id: str | None = None,
-                 clean_session: bool = True):
+                 clean_session: bool = True, login: tuple[str, str] | None = None):
         self.messages: queue.Queue = queue.Queue()
         self.all: list[tuple[str, bytes, bool]] = []
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean_session)
+        if login is not None:
+            self.client.username_pw_set(*login)
         self._subscribed = queue.Queue()
         topics = [topics] if isinstance(topics, str) else topics
 

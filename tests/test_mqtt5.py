@@ -1,0 +1,279 @@
+"""MQTT 5 against real mosquitto processes: what the broker refuses is said and counted, where MQTT
+3.1.1 had it acknowledged as delivered; `mqtt.protocol`; and the fall back to 3.1.1 for a broker that
+speaks nothing newer (mosquitto before 1.6), played by a small server in front of a real mosquitto."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+
+import pytest
+
+from agent.config import load_config
+from agent.mqtt import BrokerSettings, Message
+from agent.pipeline import make_publisher_from
+from agent.topics import Topics
+from tests.conftest import wait_until
+
+AVAIL = "test/agent/availability"
+USER, PASSWORD = "agent", "agent-pass-123"
+READER = ("reader", "reader-pass-123")
+USERS = {USER: PASSWORD, READER[0]: READER[1]}
+ACL = f"user {USER}\ntopic readwrite test/agent/#\n\nuser {READER[0]}\ntopic read #\n"
+DENIED = "homeassistant/sensor/agent/dominant_emotion/config"
+# mosquitto's line for each connection: the client id, the protocol (p2: 3.1.1, p5: 5), clean start.
+CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(p(\d), c(\d)")
+
+
+def settings(port: int, **overrides) -> BrokerSettings:
+    values = dict(host="127.0.0.1", port=port, client_id="agent-under-test", availability_topic=AVAIL,
+                  username=USER, password=PASSWORD, reconnect_min_s=1, reconnect_max_s=1)
+    values.update(overrides)
+    return BrokerSettings(**values)
+
+
+def is_msg(topic, payload):
+    return lambda item: item[0] == topic and item[1] == payload
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "agent.mqtt" and r.levelno >= logging.WARNING]
+
+
+def stays_below(count, limit: int, seconds: float) -> bool:
+    """Whether `count()` stays below `limit` for `seconds`."""
+    try:
+        wait_until(lambda: count() >= limit, seconds)
+    except AssertionError:
+        return True
+    return False
+
+
+# --- refusals --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def held(restricted_broker, publishers, subscriber_factory, caplog):
+    """A publisher connected to a broker that holds it to ACL and to `extra` config lines, and a
+    subscriber to everything there."""
+    def make(extra: str = "", **overrides):
+        broker = restricted_broker(USERS, ACL, extra=extra)
+        sub = subscriber_factory(broker.port, "#", login=READER)
+        caplog.set_level(logging.INFO, logger="agent.mqtt")
+        pub = publishers(settings(broker.port, **overrides))
+        assert pub.wait_connected(10)
+        return pub, sub
+
+    return make
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_topic_the_acl_denies_is_one_warning_counted_and_the_other_topics_still_arrive(held, caplog, qos):
+    # Under 3.1.1 mosquitto acknowledges a denied message as delivered: Home Assistant showed no
+    # entity, and neither it nor the agent's log said why.
+    pub, sub = held(qos=qos)
+    for i in range(50):
+        pub.publish(Message(DENIED, str(i), qos=qos))
+        pub.publish(Message("test/agent/event/face_appeared", str(i), qos=qos))
+    assert pub.flush(10) and pub.pending() == 0  # nothing refused is waited for, nor sent again
+    sub.wait_for(is_msg("test/agent/event/face_appeared", b"49"))
+    assert pub.refused == 50
+    assert warnings_of(caplog) == [f"the broker refused a message to {DENIED}: Not authorized "
+                                   "(check the broker's ACL for this user/topic)"]
+
+
+def test_a_message_over_message_size_limit_is_one_warning_and_the_connection_stays(held, caplog):
+    # mosquitto answers it with a PUBACK of 149, which paho 2.2 takes for a malformed packet: it hung
+    # up and sent the message again at every reconnect, and the Last Will said `offline` each time.
+    pub, sub = held("message_size_limit 1000\n")
+    for i in range(5):
+        pub.publish(Message("test/agent/big", "x" * 2000))
+        pub.publish(Message("test/agent/event/face_lost", str(i)))
+    assert pub.flush(10)
+    sub.wait_for(is_msg("test/agent/event/face_lost", b"4"))
+    assert pub.refused == 5
+    assert stays_below(lambda: pub.connects, 2, 2)
+    assert warnings_of(caplog) == ["the broker refused a message to test/agent/big: Packet too large "
+                                   "(the broker's max_packet_size or message_size_limit)"]
+
+
+def test_a_message_over_the_maximum_packet_size_of_the_connack_is_not_sent(held, caplog):
+    # paho does not check the broker's Maximum Packet Size: mosquitto hung up on the message, and
+    # paho sent it again at every reconnect.
+    pub, sub = held("max_packet_size 1000\n")
+    pub.publish(Message("test/agent/big", "x" * 2000))
+    pub.publish(Message("test/agent/fits", "x" * 977))  # 1000 bytes as a packet
+    assert pub.flush(10)
+    sub.wait_for(lambda m: m[0] == "test/agent/fits")
+    assert pub.refused == 1
+    assert stays_below(lambda: pub.connects, 2, 2)
+    assert warnings_of(caplog) == ["not sending a message to test/agent/big: 2022 bytes, and the broker takes at "
+                                   "most 1000 (the broker's max_packet_size or message_size_limit)"]
+
+
+@pytest.mark.parametrize("retain", [False, True], ids=["event", "retained"])
+def test_a_message_the_broker_hangs_up_on_twice_is_dropped_not_sent_forever(held, caplog, retain):
+    # Under 3.1.1 mosquitto hangs up on a packet over max_packet_size and says nothing more; paho
+    # sent it again at every reconnect, forever, and nothing behind it ever arrived.
+    pub, sub = held("max_packet_size 1000\n", protocol="3.1.1")
+    pub.publish(Message("test/agent/big", "x" * 2000, retain=retain))
+    pub.publish(Message("test/agent/event/face_appeared", "behind it"))
+    assert pub.flush(20)
+    sub.wait_for(is_msg("test/agent/event/face_appeared", b"behind it"))
+    assert pub.refused == 1
+    connects = pub.connects
+    assert connects == 3  # hung up on at the first send, and at the one after the reconnect
+    assert stays_below(lambda: pub.connects, connects + 1, 3)
+    dropped = [text for text in warnings_of(caplog) if not text.startswith("lost the broker connection")]
+    assert dropped == ["dropped a message to test/agent/big: the broker closed the connection each time it was "
+                       "sent (larger than it takes, or outside its ACL?)"]
+
+
+# --- the protocol ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("written, level", [("5", "5"), ("'5'", "5"), ("auto", "5"), ("'3.1.1'", "2")])
+def test_mqtt_protocol_is_what_the_broker_sees_with_a_clean_start_every_time(broker, tmp_path, written, level):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"mqtt:\n  port: {broker.port}\n  client_id: protocol-{level}\n  protocol: {written}\n")
+    pub = make_publisher_from(load_config(config), Topics("test/agent"), on_birth=lambda topic, payload: None)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        broker.stop()
+        broker.start()
+        wait_until(lambda: pub.connects == 2, 15)
+    finally:
+        pub.close(1)
+    # As 3.1.1's clean session: paho's MQTT 5 default starts clean on the first connection only.
+    seen = [(p, clean) for client, p, clean in CONNECTED.findall(broker.log.read_text())
+            if client == f"protocol-{level}"]
+    assert seen == [(level, "1"), (level, "1")]
+
+
+class Mqtt311OnlyBroker:
+    """A broker that speaks MQTT 3.1.1 and older only, as mosquitto 1.5 (Raspbian buster) does: it
+    answers an MQTT 5 CONNECT with return code 1, unacceptable protocol version, and hangs up. Any
+    other connection it hands, CONNECT and all, to the real mosquitto at `upstream_port`."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.levels: list[int] = []  # the protocol level of each CONNECT, in order
+        self._open: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        connect = read_packet(conn)
+        level = connect[connect.index(b"MQTT") + 4]
+        self.levels.append(level)
+        if level == 5:
+            conn.sendall(bytes.fromhex("20020001"))
+            conn.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        upstream.sendall(connect)
+        self._open += [conn, upstream]
+        for source, sink in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=pipe, args=(source, sink), daemon=True).start()
+
+    def drop_connections(self) -> None:
+        for sock in self._open:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._open.clear()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.drop_connections()
+
+
+def read_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed mid-packet")
+        data += chunk
+    return data
+
+
+def read_packet(conn: socket.socket) -> bytes:
+    """One MQTT packet, its fixed header included."""
+    header = read_exactly(conn, 1)
+    remaining, shift = 0, 0
+    while True:
+        byte = read_exactly(conn, 1)
+        header += byte
+        remaining |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if byte[0] < 0x80:
+            return header + read_exactly(conn, remaining)
+
+
+def pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for sock in (source, sink):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def mqtt311_only(broker):
+    made = []
+
+    def make() -> Mqtt311OnlyBroker:
+        made.append(Mqtt311OnlyBroker(broker.port))
+        return made[-1]
+
+    yield make
+    for old in made:
+        old.close()
+
+
+def test_auto_speaks_3_1_1_from_then_on_to_a_broker_that_refuses_mqtt_5(
+        broker, mqtt311_only, publishers, subscriber_factory, caplog):
+    old = mqtt311_only()
+    sub = subscriber_factory(broker.port, "test/agent/#")
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    pub = publishers(settings(old.port, username=None, password=None))
+    assert pub.wait_connected(10)
+    pub.publish(Message("test/agent/event/face_appeared", "through 3.1.1"))
+    assert pub.flush(10)
+    sub.wait_for(is_msg("test/agent/event/face_appeared", b"through 3.1.1"))
+    old.drop_connections()
+    wait_until(lambda: pub.connects == 2, 10)
+    assert old.levels == [5, 4, 4]  # not MQTT 5 again at the reconnect
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "agent.mqtt"]
+    assert [(level, text) for level, text in said if "MQTT" in text] == [
+        ("INFO", f"broker 127.0.0.1:{old.port} does not speak MQTT 5: using MQTT 3.1.1, under which it does not say "
+                 "when it refuses a message")]
+    assert not [text for level, text in said if level == "ERROR"] and pub.last_error is None
+
+
+def test_mqtt_5_only_against_a_3_1_1_broker_is_one_line_that_says_what_to_set(mqtt311_only, publishers, caplog):
+    old = mqtt311_only()
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    pub = publishers(settings(old.port, protocol="5", username=None, password=None))
+    wait_until(lambda: len(old.levels) >= 3, 10)  # three tries, a second apart
+    assert not pub.connected and set(old.levels) == {5}
+    said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
+    assert said == [f"broker 127.0.0.1:{old.port} refused the connection: Unsupported protocol version (the broker "
+                    "speaks MQTT 3.1.1 only: set mqtt.protocol to auto or 3.1.1); retrying"]
