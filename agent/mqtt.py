@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import paho.mqtt as paho_mqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
@@ -171,9 +172,20 @@ class _Client(paho.Client):
     reaches into paho's internals (as paho 2.0 to 2.2 have them); tests/test_mqtt5.py holds each
     use to account against a real broker."""
 
+    # paho's internals used below. A paho release without one of them gets `fits` False: this
+    # class then does what paho.Client does (the publisher speaks 3.1.1), rather than fail in
+    # paho's network thread, which would stop every message.
+    INTERNALS = ("_protocol", "_out_message_mutex", "_out_messages", "_in_packet",
+                 "_handle_pubackcomp", "_handle_pubrec", "_do_on_publish")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fits = all(hasattr(self, name) for name in self.INTERNALS)
+
     @property
     def speaks_mqtt5(self) -> bool:
-        return self._protocol == paho.MQTTv5  # paho 2.0.0's `protocol` property recurses forever
+        # not paho's `protocol` property: paho 2.0.0's recurses forever
+        return self.fits and self._protocol == paho.MQTTv5
 
     def use_mqtt311(self) -> None:
         """Speak MQTT 3.1.1, with a clean session, from the next connection on. paho fixes the version
@@ -182,25 +194,29 @@ class _Client(paho.Client):
         self._protocol = paho.MQTTv311
         self._clean_session = True
 
-    def first_in_flight(self) -> int | None:
-        """The mid of the oldest QoS>0 message not yet acknowledged: the first paho re-sends."""
+    def in_flight(self) -> list[int]:
+        """The mids of the QoS>0 messages not yet acknowledged, oldest first: what paho re-sends."""
+        if not self.fits:
+            return []
         with self._out_message_mutex:
-            return next((mid for mid, m in self._out_messages.items() if m.qos > 0), None)
+            return [mid for mid, m in self._out_messages.items() if m.qos > 0]
 
     def forget(self, mids: list[int]) -> None:
         """Never send these messages again. From on_connect only, before paho re-sends what was in
         flight and counts it afresh: at a disconnect, paho 2.0 may be amid that loop."""
+        if not self.fits or not mids:
+            return
         with self._out_message_mutex:
             for mid in mids:
                 self._out_messages.pop(mid, None)
 
-    def _handle_pubackcomp(self, cmd):
+    def _handle_pubackcomp(self, cmd, *rest):
         refused = self._refusal() if cmd == "PUBACK" else None
-        return super()._handle_pubackcomp(cmd) if refused is None else refused
+        return super()._handle_pubackcomp(cmd, *rest) if refused is None else refused
 
-    def _handle_pubrec(self):
+    def _handle_pubrec(self, *rest):
         refused = self._refusal()
-        return super()._handle_pubrec() if refused is None else refused
+        return super()._handle_pubrec(*rest) if refused is None else refused
 
     def _refusal(self) -> MQTTErrorCode | None:
         """The PUBACK or PUBREC at hand, if its reason code is a failure, ended as paho ends a refused
@@ -241,7 +257,7 @@ class MqttPublisher:
         self.refused = 0  # messages the broker would not take (MQTT 5 says so), or hung up on
         self._refusals_told: set[tuple[str, int | None]] = set()  # (topic, reason code) already said
         self._max_packet: int | None = None  # the broker's Maximum Packet Size, from its MQTT 5 CONNACK
-        self._suspect: Message | None = None  # the first message in flight at the last disconnect
+        self._suspects: list[Message] = []  # in flight at the last disconnect (the availability aside)
         self._dropped_mids: list[int] = []  # for paho to forget at the next connect (its thread only)
         self.connects = 0
         self.last_error: str | None = None
@@ -268,10 +284,15 @@ class MqttPublisher:
 
     def _make_client(self) -> _Client:
         s = self._s
-        if s.protocol == "3.1.1":
-            client = _Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
-        else:
+        client = None
+        if s.protocol != "3.1.1":
             client = _Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=paho.MQTTv5)
+            if not client.fits:
+                logger.warning("paho-mqtt %s is not one this agent knows (2.0 to 2.2): speaking MQTT 3.1.1, "
+                               "under which the broker does not say when it refuses a message", paho_mqtt.__version__)
+                client = None
+        if client is None:
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True)
         client.on_log = self._handle_log
         client.will_set(s.availability_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=max(1, round(s.reconnect_min_s)),
@@ -359,16 +380,24 @@ class MqttPublisher:
         MQTT 3.1.1 is spoken to in 3.1.1 from then on, where `protocol` is "auto"."""
         hint = ""
         if reason_code == UNSUPPORTED_PROTOCOL and self._client.speaks_mqtt5:
-            if self._s.protocol == "auto":
-                self._client.use_mqtt311()
-                logger.info("broker %s:%d does not speak MQTT 5: using MQTT 3.1.1, under which it does not "
-                            "say when it refuses a message", self._s.host, self._s.port)
+            if self._fall_back_to_mqtt311("does not speak MQTT 5"):
                 return
             hint = " (the broker speaks MQTT 3.1.1 only: set mqtt.protocol to auto or 3.1.1)"
         text = f"{reason_code}{hint}"
         if text != self.last_error:
             logger.error("broker %s:%d refused the connection: %s; retrying", self._s.host, self._s.port, text)
         self.last_error = text
+
+    def _fall_back_to_mqtt311(self, what: str) -> bool:
+        """Speak MQTT 3.1.1 from the next connection on, where `protocol` is "auto" and the broker
+        `what` (refused or hung up on an MQTT 5 CONNECT). Every broker that speaks 5 speaks 3.1.1
+        too: what this can cost is the refusal reports, never the connection."""
+        if self._s.protocol != "auto" or not self._client.speaks_mqtt5:
+            return False
+        self._client.use_mqtt311()
+        logger.info("broker %s:%d %s: using MQTT 3.1.1, under which it does not say when it refuses a message",
+                    self._s.host, self._s.port, what)
+        return True
 
     def _handle_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError`: the exception at hand is the reason
@@ -417,30 +446,40 @@ class MqttPublisher:
             elif self._short_sessions == 3:
                 logger.warning("the broker keeps dropping this connection as soon as it is made: is another "
                                "client using the client id %r? (set mqtt.client_id)", self._s.client_id)
-        elif not refused:  # a refusal was reported with its CONNACK
+        elif refused:  # reported with its CONNACK
+            pass
+        # A broker older than MQTT 5 may hang up on its CONNECT without a CONNACK (RabbitMQ before
+        # 3.13 does), where mosquitto 1.5 refuses it: only while MQTT 5 has never connected here.
+        elif self.connects or not self._fall_back_to_mqtt311("closed an MQTT 5 connection before accepting it"):
             self._report_hang_up(reason_code, why)
 
     def _drop_what_it_hangs_up_on(self, lasted: float) -> bool:
         """Drop the message the broker hangs up on each time it is sent (over mosquitto's
         max_packet_size, or outside the ACL of a broker that disconnects for it): paho would re-send
-        it at every reconnect, forever, with everything behind it stuck. It is the first in flight
-        at two disconnects in a row, the second soon after its connect. Every copy goes, and a
-        retained value is not re-sent at the next connect. Lock not held."""
-        mid = self._client.first_in_flight()
+        it at every reconnect, forever, with everything behind it stuck. It is in flight at two
+        disconnects in a row, the second soon after its connect; of such messages, the largest. Not
+        always the first: a small one sent just before it can lose its PUBACK to the reset too. Never
+        the availability `online`, sent anew at every connect: dropped, the agent would show as
+        offline. Every copy goes, and a retained value is not re-sent at the next connect. Lock not
+        held."""
+        mids = self._client.in_flight()
         with self._lock:
-            first = self._unacked.get(mid) if mid is not None else None
-            suspect, self._suspect = self._suspect, first
-            if first is None or first != suspect or lasted >= SHORT_SESSION_S:
+            now = [self._unacked[m] for m in mids
+                   if m in self._unacked and self._unacked[m].topic != self._s.availability_topic]
+            before, self._suspects = self._suspects, now
+            repeated = [message for message in now if message in before]
+            if not repeated or lasted >= SHORT_SESSION_S:
                 return False
-            self._suspect = None
-            mids = [m for m, message in self._unacked.items() if message == first]
+            culprit = max(repeated, key=_publish_size)
+            self._suspects = []
+            mids = [m for m, message in self._unacked.items() if message == culprit]
             for m in mids:
                 del self._unacked[m]
-            self._note_refusal(first.topic, None, "dropped a message to %s: the broker closed the connection each "
-                               "time it was sent (larger than it takes, or outside its ACL?)", first.topic)
+            self._note_refusal(culprit.topic, None, "dropped a message to %s: the broker closed the connection each "
+                               "time it was sent (larger than it takes, or outside its ACL?)", culprit.topic)
             self._replayed.difference_update(mids)
-            if self._retained.get(first.topic) == first:
-                del self._retained[first.topic]
+            if self._retained.get(culprit.topic) == culprit:
+                del self._retained[culprit.topic]
             self._dropped_mids += mids
             self._idle.notify_all()
         return True

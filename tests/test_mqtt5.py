@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 
+import paho.mqtt
 import pytest
 
 from agent.config import load_config
@@ -156,8 +157,9 @@ class Mqtt311OnlyBroker:
     answers an MQTT 5 CONNECT with return code 1, unacceptable protocol version, and hangs up. Any
     other connection it hands, CONNECT and all, to the real mosquitto at `upstream_port`."""
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, answers_mqtt5: bool = True):
         self.upstream_port = upstream_port
+        self.answers_mqtt5 = answers_mqtt5  # False: hang up without a word, as RabbitMQ 3.10 does
         self.levels: list[int] = []  # the protocol level of each CONNECT, in order
         self._open: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -177,7 +179,8 @@ class Mqtt311OnlyBroker:
         level = connect[connect.index(b"MQTT") + 4]
         self.levels.append(level)
         if level == 5:
-            conn.sendall(bytes.fromhex("20020001"))
+            if self.answers_mqtt5:
+                conn.sendall(bytes.fromhex("20020001"))
             conn.close()
             return
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
@@ -239,8 +242,8 @@ def pipe(source: socket.socket, sink: socket.socket) -> None:
 def mqtt311_only(broker):
     made = []
 
-    def make() -> Mqtt311OnlyBroker:
-        made.append(Mqtt311OnlyBroker(broker.port))
+    def make(answers_mqtt5: bool = True) -> Mqtt311OnlyBroker:
+        made.append(Mqtt311OnlyBroker(broker.port, answers_mqtt5))
         return made[-1]
 
     yield make
@@ -248,9 +251,13 @@ def mqtt311_only(broker):
         old.close()
 
 
+@pytest.mark.parametrize("answers_mqtt5, what", [
+    (True, "does not speak MQTT 5"),  # mosquitto 1.5: a CONNACK with return code 1
+    (False, "closed an MQTT 5 connection before accepting it"),  # RabbitMQ 3.10: hangs up, no CONNACK
+], ids=["refuses", "hangs-up"])
 def test_auto_speaks_3_1_1_from_then_on_to_a_broker_that_refuses_mqtt_5(
-        broker, mqtt311_only, publishers, subscriber_factory, caplog):
-    old = mqtt311_only()
+        broker, mqtt311_only, publishers, subscriber_factory, caplog, answers_mqtt5, what):
+    old = mqtt311_only(answers_mqtt5)
     sub = subscriber_factory(broker.port, "test/agent/#")
     caplog.set_level(logging.INFO, logger="agent.mqtt")
     pub = publishers(settings(old.port, username=None, password=None))
@@ -263,9 +270,10 @@ def test_auto_speaks_3_1_1_from_then_on_to_a_broker_that_refuses_mqtt_5(
     assert old.levels == [5, 4, 4]  # not MQTT 5 again at the reconnect
     said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "agent.mqtt"]
     assert [(level, text) for level, text in said if "MQTT" in text] == [
-        ("INFO", f"broker 127.0.0.1:{old.port} does not speak MQTT 5: using MQTT 3.1.1, under which it does not say "
+        ("INFO", f"broker 127.0.0.1:{old.port} {what}: using MQTT 3.1.1, under which it does not say "
                  "when it refuses a message")]
-    assert not [text for level, text in said if level == "ERROR"] and pub.last_error is None
+    assert not [text for level, text in said if level == "ERROR" or "retrying" in text]  # no hang-up warning
+    assert pub.last_error is None
 
 
 def test_mqtt_5_only_against_a_3_1_1_broker_is_one_line_that_says_what_to_set(mqtt311_only, publishers, caplog):
@@ -277,3 +285,27 @@ def test_mqtt_5_only_against_a_3_1_1_broker_is_one_line_that_says_what_to_set(mq
     said = [r.getMessage() for r in caplog.records if r.name == "agent.mqtt"]
     assert said == [f"broker 127.0.0.1:{old.port} refused the connection: Unsupported protocol version (the broker "
                     "speaks MQTT 3.1.1 only: set mqtt.protocol to auto or 3.1.1); retrying"]
+
+
+def test_a_paho_without_the_internals_it_relies_on_gets_plain_3_1_1_and_still_delivers(
+        restricted_broker, publishers, subscriber_factory, caplog, monkeypatch):
+    # A paho release past 2.2 may rename what _Client reaches into; raising in paho's network thread
+    # would stop every message, so the agent speaks 3.1.1 as before MQTT 5 instead.
+    import agent.mqtt
+
+    monkeypatch.setattr(agent.mqtt._Client, "INTERNALS", agent.mqtt._Client.INTERNALS + ("_gone_in_a_later_paho",))
+    broker = restricted_broker(USERS, ACL)
+    sub = subscriber_factory(broker.port, "#", login=READER)
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    pub = publishers(settings(broker.port, protocol="auto"))
+    assert pub.wait_connected(10)
+    pub.publish(Message("test/agent/state", "x", qos=1))
+    pub.publish(Message(DENIED, "y", qos=1))
+    sub.wait_for(is_msg("test/agent/state", b"x"), timeout=10)
+    assert pub.flush(10)
+    assert [(p, c) for client, p, c in CONNECTED.findall(broker.log.read_text())
+            if client == "agent-under-test"] == [("2", "1")]  # p2: 3.1.1
+    assert [w for w in warnings_of(caplog) if "paho-mqtt" in w] == [
+        f"paho-mqtt {paho.mqtt.__version__} is not one this agent knows (2.0 to 2.2): speaking MQTT 3.1.1, "
+        "under which the broker does not say when it refuses a message"]
+    assert pub.refused == 0  # 3.1.1: the ACL's refusal looks like delivery
