@@ -194,6 +194,11 @@ class _Client(paho.Client):
         self._protocol = paho.MQTTv311
         self._clean_session = True
 
+    def use_mqtt5(self) -> None:
+        """Speak MQTT 5 again from the next connection on (the clean start given to connect_async
+        holds)."""
+        self._protocol = paho.MQTTv5
+
     def in_flight(self) -> list[int]:
         """The mids of the QoS>0 messages not yet acknowledged, oldest first: what paho re-sends."""
         if not self.fits:
@@ -267,6 +272,7 @@ class MqttPublisher:
         self._hanging_up = False  # close() is disconnecting on purpose
         self._ended = False  # the connection attempt now over was reported as such (paho's thread only)
         self._refused = False  # the broker's CONNACK refused the connection now being closed
+        self._hung_up_on_mqtt5 = False  # this try speaks 3.1.1 as the last, in MQTT 5, was hung up on
         # Read before the client loads them, so a renewal in between is seen at the next reload.
         self.tls_digest: str | None = None
         if settings.tls:
@@ -365,6 +371,9 @@ class MqttPublisher:
             self._retained = {online.topic: online, **self._retained}  # re-sent first on HA's birth too
             backlog = list(self._backlog)
             self._backlog.clear()
+        if self._hung_up_on_mqtt5:
+            self._hung_up_on_mqtt5 = False
+            self._say_mqtt311("closed an MQTT 5 connection before accepting it, and took MQTT 3.1.1")
         logger.info("connected to broker %s:%d", self._s.host, self._s.port)
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
@@ -390,14 +399,34 @@ class MqttPublisher:
 
     def _fall_back_to_mqtt311(self, what: str) -> bool:
         """Speak MQTT 3.1.1 from the next connection on, where `protocol` is "auto" and the broker
-        `what` (refused or hung up on an MQTT 5 CONNECT). Every broker that speaks 5 speaks 3.1.1
-        too: what this can cost is the refusal reports, never the connection."""
+        `what` (refused an MQTT 5 CONNECT). Every broker that speaks 5 speaks 3.1.1 too: what this
+        can cost is the refusal reports, never the connection."""
         if self._s.protocol != "auto" or not self._client.speaks_mqtt5:
             return False
         self._client.use_mqtt311()
+        self._say_mqtt311(what)
+        return True
+
+    def _say_mqtt311(self, what: str) -> None:
         logger.info("broker %s:%d %s: using MQTT 3.1.1, under which it does not say when it refuses a message",
                     self._s.host, self._s.port, what)
-        return True
+
+    def _try_the_other_protocol(self, reason_code) -> bool:
+        """A broker older than MQTT 5 may hang up on its CONNECT without a CONNACK (RabbitMQ before
+        3.13 does), where mosquitto 1.5 refuses it. So while nothing has connected, with `protocol`
+        "auto", a hang-up on MQTT 5 is tried again in 3.1.1, quietly (said once 3.1.1 connects); one
+        on 3.1.1 too is not the protocol's doing (a TLS port, say): it is reported as any hang-up, and
+        the next try is MQTT 5 again. True where the hang-up is not to be reported."""
+        if self._s.protocol != "auto" or self.connects or reason_code == KEEPALIVE_TIMEOUT or not self._client.fits:
+            return False
+        if self._client.speaks_mqtt5:
+            self._client.use_mqtt311()
+            self._hung_up_on_mqtt5 = True
+            return True
+        if self._hung_up_on_mqtt5:
+            self._client.use_mqtt5()
+            self._hung_up_on_mqtt5 = False
+        return False
 
     def _handle_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError`: the exception at hand is the reason
@@ -446,11 +475,7 @@ class MqttPublisher:
             elif self._short_sessions == 3:
                 logger.warning("the broker keeps dropping this connection as soon as it is made: is another "
                                "client using the client id %r? (set mqtt.client_id)", self._s.client_id)
-        elif refused:  # reported with its CONNACK
-            pass
-        # A broker older than MQTT 5 may hang up on its CONNECT without a CONNACK (RabbitMQ before
-        # 3.13 does), where mosquitto 1.5 refuses it: only while MQTT 5 has never connected here.
-        elif self.connects or not self._fall_back_to_mqtt311("closed an MQTT 5 connection before accepting it"):
+        elif not refused and not self._try_the_other_protocol(reason_code):  # a refusal: said with its CONNACK
             self._report_hang_up(reason_code, why)
 
     def _drop_what_it_hangs_up_on(self, lasted: float) -> bool:
