@@ -133,7 +133,8 @@ class MqttConfig:
     port: int = setting(1883, "Broker port (8883 is usual for TLS).", min=1, max=65535)
     protocol: str = setting(
         "auto", "MQTT version: 5 (the broker says when it refuses a message, e.g. by its ACL), 3.1.1, or auto: 5, "
-        "and 3.1.1 from then on if the broker does not speak 5 (mosquitto before 1.6).", choices=("auto", "5", "3.1.1"))
+        "and 3.1.1 from then on if the broker does not speak 5 (mosquitto before 1.6, RabbitMQ before 3.13).",
+        choices=("auto", "5", "3.1.1"))
     client_id: str | None = setting(None, "MQTT client id (null: emotion-agent-<hostname>, followed by the topic root "
                                                 "when topic_prefix is not the default).")
     topic_prefix: str = setting(DEFAULT_TOPIC_PREFIX, "Root of every topic; {hostname} is replaced.")
