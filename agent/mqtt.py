@@ -254,6 +254,7 @@ class MqttPublisher:
         self._closing = False
         self._backlog: collections.deque[Message] = collections.deque()
         self._retained: dict[str, Message] = {}
+        self._unsent_retained: set[str] = set()  # topics whose latest retained value no connection has sent
         self._unacked: dict[int, Message] = {}
         # Acknowledged before _send recorded them, with the broker's reason code.
         self._early_acks: dict[int, ReasonCode] = {}
@@ -381,6 +382,7 @@ class MqttPublisher:
         for message in retained + backlog:
             self._send(message)
         with self._lock:
+            self._unsent_retained.difference_update(m.topic for m in retained)  # in flight now, or delivered
             self._resent = self._connected
             self._idle.notify_all()
 
@@ -505,6 +507,7 @@ class MqttPublisher:
             self._replayed.difference_update(mids)
             if self._retained.get(culprit.topic) == culprit:
                 del self._retained[culprit.topic]
+                self._unsent_retained.discard(culprit.topic)
             self._dropped_mids += mids
             self._idle.notify_all()
         return True
@@ -649,10 +652,13 @@ class MqttPublisher:
         with self._lock:
             if message.retain:  # the topic's latest value replaces what was kept for it
                 self._retained.pop(message.topic, None)
+                self._unsent_retained.discard(message.topic)
             if message.kept_retained:
                 # Only the latest value matters, and it is (re)sent on every connect.
                 self._retained[message.topic] = message
                 send = self._connected
+                if not send:
+                    self._unsent_retained.add(message.topic)  # pending, for a flush, until that connect
             elif self._connected:
                 send = True
             elif message.qos == 0:
@@ -682,14 +688,14 @@ class MqttPublisher:
     def pending(self) -> int:
         """Messages not yet acknowledged by the broker (queued or in flight)."""
         with self._lock:
-            return len(self._backlog) + len(self._unacked)
+            return len(self._backlog) + len(self._unacked) + len(self._unsent_retained)
 
     def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool:
         """Wait until every message is delivered; False if `timeout` passed first, or `cancel` was set
         (a SIGTERM while a file run waits for an absent broker)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._backlog or self._unacked:
+            while self._backlog or self._unacked or self._unsent_retained:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (cancel is not None and cancel.is_set()):
                     return False

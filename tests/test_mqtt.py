@@ -350,6 +350,24 @@ def test_close_does_not_wait_out_the_keepalive_of_a_broker_that_hangs(tmp_path):
         broker.stop()
 
 
+def test_a_flush_waits_for_a_retained_value_published_before_the_first_connection(broker, subscriber_factory):
+    # It counted only the queue and what was in flight: a retained value kept for the first
+    # connection was not waited for, and a run that published nothing else could end without it.
+    broker.stop()
+    pub = make_publisher(broker.port)
+    pub.start()
+    try:
+        pub.publish(Message("test/agent/state", "kept", retain=True))
+        assert pub.pending() == 1
+        assert not pub.flush(0.5)
+        broker.start()
+        assert pub.flush(10) and pub.pending() == 0
+    finally:
+        pub.close(1)
+    fresh = subscriber_factory(broker.port, "test/agent/state")
+    assert fresh.wait_for(lambda m: m[2], timeout=5)[1] == b"kept"
+
+
 def test_an_empty_retained_message_is_delivered_once_not_re_sent_with_the_retained_values(broker,
                                                                                          subscriber_factory):
     # Emptying a topic someone used to own: re-sent on every reconnect and Home Assistant birth,
