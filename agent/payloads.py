@@ -130,24 +130,36 @@ class SummaryWindow:
         for e in events:
             self.events[event_kind(e)] += 1
 
+    def _dominant(self, now_dominant: str) -> str:
+        """The emotion with the most face-time, `uncertain` not counted. A tie (two faces of a still
+        image, each in view as long) goes to the one `state` names now, else to the first in the
+        fixed order: not to whichever came first, so a summary never contradicts the state for no
+        reason."""
+        known = {s: v for s, v in self.face_seconds.items() if s != UNCERTAIN and v > 0}
+        if not known:
+            return NO_FACE
+        most = max(known.values())
+        tied = [s for s in STATES if known.get(s) == most]
+        return now_dominant if now_dominant in tied else tied[0]
+
     def payload(self, now: float, faces: Sequence[TrackedFace], wall_time: float) -> dict[str, Any]:
         total = sum(self.face_seconds.values())
         share = {s: round(self.face_seconds.get(s, 0.0) / total, 4) if total else 0.0 for s in STATES}
-        known = {s: v for s, v in self.face_seconds.items() if s != UNCERTAIN and v > 0}
         counts = Counter(f.emotion for f in faces)
+        now_dominant = dominant_emotion(faces)
         return {
             "schema": SCHEMA_VERSION,
             "timestamp": iso_time(wall_time),
             "window_s": round(max(0.0, now - self.started), 2),
             "faces_in_view": len(faces),
-            "dominant_emotion": dominant_emotion(faces),
+            "dominant_emotion": now_dominant,
             "counts": {s: counts.get(s, 0) for s in STATES},
             "window": {
                 "frames": self.frames,
                 "distinct_faces": len(self.seen_ids),
                 "max_faces": self.max_faces,
                 "mean_faces": round(self.face_frame_sum / self.frames, 3) if self.frames else 0.0,
-                "dominant_emotion": max(known, key=known.get) if known else NO_FACE,
+                "dominant_emotion": self._dominant(now_dominant),
                 "emotion_share": share,
                 "events": {k: self.events.get(k, 0) for k in ("face_appeared", "emotion_changed", "face_lost")},
             },
