@@ -391,23 +391,17 @@ class MqttPublisher:
         MQTT 3.1.1 is spoken to in 3.1.1 from then on, where `protocol` is "auto"."""
         hint = ""
         if reason_code == UNSUPPORTED_PROTOCOL and self._client.speaks_mqtt5:
-            if self._fall_back_to_mqtt311("does not speak MQTT 5"):
+            # Every broker that speaks 5 speaks 3.1.1 too: falling back can cost the refusal
+            # reports, never the connection.
+            if self._s.protocol == "auto":
+                self._client.use_mqtt311()
+                self._say_mqtt311("does not speak MQTT 5")
                 return
             hint = " (the broker speaks MQTT 3.1.1 only: set mqtt.protocol to auto or 3.1.1)"
         text = f"{reason_code}{hint}"
         if text != self.last_error:
             logger.error("broker %s:%d refused the connection: %s; retrying", self._s.host, self._s.port, text)
         self.last_error = text
-
-    def _fall_back_to_mqtt311(self, what: str) -> bool:
-        """Speak MQTT 3.1.1 from the next connection on, where `protocol` is "auto" and the broker
-        `what` (refused an MQTT 5 CONNECT). Every broker that speaks 5 speaks 3.1.1 too: what this
-        can cost is the refusal reports, never the connection."""
-        if self._s.protocol != "auto" or not self._client.speaks_mqtt5:
-            return False
-        self._client.use_mqtt311()
-        self._say_mqtt311(what)
-        return True
 
     def _say_mqtt311(self, what: str) -> None:
         logger.info("broker %s:%d %s: using MQTT 3.1.1, under which it does not say when it refuses a message",
@@ -686,16 +680,19 @@ class MqttPublisher:
         return self._connected
 
     def pending(self) -> int:
-        """Messages not yet acknowledged by the broker (queued or in flight)."""
+        """Messages not yet acknowledged by the broker (queued, in flight, or kept for the next connect)."""
         with self._lock:
-            return len(self._backlog) + len(self._unacked) + len(self._unsent_retained)
+            return self._pending_locked()
+
+    def _pending_locked(self) -> int:
+        return len(self._backlog) + len(self._unacked) + len(self._unsent_retained)
 
     def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool:
         """Wait until every message is delivered; False if `timeout` passed first, or `cancel` was set
         (a SIGTERM while a file run waits for an absent broker)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._backlog or self._unacked or self._unsent_retained:
+            while self._pending_locked():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (cancel is not None and cancel.is_set()):
                     return False

@@ -151,6 +151,15 @@ def restricted_broker(tmp_path):
         broker.stop()
 
 
+def is_msg(topic, payload=None, retained=None):
+    """A predicate for `Subscriber.wait_for`: a message on `topic`, with this payload and retain flag
+    where given."""
+    def match(item):
+        t, p, r = item
+        return t == topic and (payload is None or p == payload) and (retained is None or r == retained)
+    return match
+
+
 def wait_until(predicate, timeout: float) -> float:
     """Seconds until `predicate()` held; AssertionError past `timeout`."""
     started = time.monotonic()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from agent.mqtt import BrokerSettings, Message, MqttPublisher
-from tests.conftest import Broker, Subscriber, free_port
+from tests.conftest import Broker, Subscriber, free_port, is_msg
 
 AVAIL = "test/agent/availability"
 
@@ -23,13 +23,6 @@ def make_publisher(port: int, **overrides) -> MqttPublisher:
     settings = BrokerSettings(host="127.0.0.1", port=port, client_id=overrides.pop("client_id", "agent-under-test"),
                               availability_topic=AVAIL, reconnect_min_s=1, reconnect_max_s=2, **overrides)
     return MqttPublisher(settings)
-
-
-def is_msg(topic, payload=None, retained=None):
-    def match(item):
-        t, p, r = item
-        return t == topic and (payload is None or p == payload) and (retained is None or r == retained)
-    return match
 
 
 def test_connect_publishes_retained_online_and_close_publishes_offline(broker, subscriber_factory):

@@ -16,7 +16,7 @@ from agent.config import load_config
 from agent.mqtt import BrokerSettings, Message
 from agent.pipeline import make_publisher_from
 from agent.topics import Topics
-from tests.conftest import wait_until
+from tests.conftest import is_msg, wait_until
 
 AVAIL = "test/agent/availability"
 USER, PASSWORD = "agent", "agent-pass-123"
@@ -33,10 +33,6 @@ def settings(port: int, **overrides) -> BrokerSettings:
                   username=USER, password=PASSWORD, reconnect_min_s=1, reconnect_max_s=1)
     values.update(overrides)
     return BrokerSettings(**values)
-
-
-def is_msg(topic, payload):
-    return lambda item: item[0] == topic and item[1] == payload
 
 
 def warnings_of(caplog) -> list[str]:
