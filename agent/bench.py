@@ -167,7 +167,7 @@ def bench_classic(video: str, max_frames: int | None) -> PipelineFigures:
     source.close()
     source = VideoFileSource(video)  # as bench_decode reads: past a damaged frame
     samples: dict[str, list[float]] = {"decode": [], "detect": [], "classify": []}
-    total = min(_frame_count(video) or 0, max_frames or 10 ** 9) or None
+    total = min(source.frame_count or 0, max_frames or 10 ** 9) or None
     progress = Progress("classic", total)
     frames = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()

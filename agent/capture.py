@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
-from agent.config import STREAM_SCHEMES, redact_url
+from agent.config import is_stream_url, redact_url
 from agent.errors import SourceError
 from agent.types import Frame
 
@@ -61,6 +61,10 @@ def _valid_frame(image: np.ndarray | None) -> bool:
             and image.shape[0] > 0 and image.shape[1] > 0 and image.dtype == np.uint8)
 
 
+def _ends_whole(tail: bytes) -> bool:
+    return b"\xff\xd9" in tail[-64:]  # a whole JPEG ends with its EOI marker (padding may follow)
+
+
 def is_truncated_jpeg(path: str | Path) -> bool:
     """Whether the file is a JPEG cut short (a copy or a card that stopped early): libjpeg decodes
     what is there and greys out the rest, so it reads, but is not the picture."""
@@ -69,13 +73,13 @@ def is_truncated_jpeg(path: str | Path) -> bool:
             return False
         f.seek(max(0, Path(path).stat().st_size - 64))
         tail = f.read()
-    return b"\xff\xd9" not in tail  # a whole JPEG ends with its EOI marker (padding may follow)
+    return not _ends_whole(tail)
 
 
 def decoded_jpeg(data: np.ndarray) -> np.ndarray | None:
     """One JPEG of a stream, decoded; None if it is damaged: not a JPEG, or cut short (which libjpeg
     and FFmpeg would show with its lower part grey)."""
-    if data.size < 4 or b"\xff\xd9" not in data.ravel()[-64:].tobytes():
+    if data.size < 4 or not _ends_whole(data.ravel()[-64:].tobytes()):
         return None
     return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
@@ -98,7 +102,7 @@ def opencv_file_name(path: str) -> str:
 
 
 def is_stream(target: int | str) -> bool:
-    return isinstance(target, str) and target.lower().startswith(STREAM_SCHEMES)  # as classify_source tells
+    return isinstance(target, str) and is_stream_url(target)
 
 
 def open_stream(url: str, timeout_s: float) -> cv2.VideoCapture:
@@ -409,14 +413,14 @@ class LiveSource:
             jpegs = self._hands_over_jpegs(cap)
             while not self._stop.is_set():
                 ok, image = cap.read()
-                if ok and jpegs:
-                    image = decoded_jpeg(image)
                 if not ok:
                     failures += 1
                     # A few failed reads in a row mean the device or stream is gone.
                     if failures >= 5:
                         break
                     continue
+                if jpegs:
+                    image = decoded_jpeg(image)
                 if not _valid_frame(image):
                     self._corrupt += 1
                     continue
@@ -489,7 +493,7 @@ def classify_source(source: str) -> tuple[str, int | str]:
             raise SourceError(f"camera index too large: {text[:20]}{'…' if len(text) > 20 else ''} "
                               f"(cameras are numbered from 0; /dev/video2 is 2)")
         return "camera", int(text)
-    if text.lower().startswith(STREAM_SCHEMES):
+    if is_stream(text):
         return "stream", text
     try:
         path = Path(text).expanduser()

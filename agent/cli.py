@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 from agent import __version__
 from agent.argtypes import Parser, port, positive_seconds
 from agent.config import Config, load_config, read_password, redact_url, setting_location
-from agent.errors import AgentError, ConfigError, SourceError, interrupted
+from agent.errors import (AgentError, BrokerError, ConfigError, SourceError, flushed, interrupted, report_error,
+                          where_raised)
 from agent.signal_event import SignalSafeEvent
 
 if TYPE_CHECKING:  # paho and OpenCV load only when running
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # paho and OpenCV load only when running
 logger = logging.getLogger("agent")
 
 FLUSH_TIMEOUT_S = 30.0
-SIGNAL_FLUSH_S = 3.0  # leaves room in the 5 s a service manager gives for a clean stop
+SIGNAL_FLUSH_S = 3.0  # leaves room in the 10 s the unit gives for a clean stop (TimeoutStopSec)
 
 
 def _configure_logging(level: str) -> None:
@@ -182,7 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 new_cfg = cfg
             except Exception as exc:  # a running daemon must not die of a file someone edited
                 logger.error("SIGHUP: cannot read the new configuration, keeping the old one: %s: %s (%s)",
-                             type(exc).__name__, exc, _where(exc))
+                             type(exc).__name__, exc, where_raised(exc))
                 new_cfg = cfg
             # A video file goes on from the frame it reached: played from the start again, its
             # events would all be published twice. (With --loop it starts over anyway.)
@@ -245,7 +246,6 @@ def _tls_files_changed(tls, publisher: MqttPublisher) -> bool:
     """Whether the TLS files hold other contents than the connection loaded (renewed in place),
     and load: files that cannot be read or loaded now (a copy half done, a certificate renewed
     before its key) keep the connection, as the password does, rather than end the daemon."""
-    from agent.errors import BrokerError
     from agent.mqtt import check_tls_files, tls_files_digest
 
     try:
@@ -266,65 +266,13 @@ def _tls_files_changed(tls, publisher: MqttPublisher) -> bool:
 COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}
 
 
-def _where(exc: BaseException) -> str:
-    """Where an error nothing foresaw came from, for its one-line report: the innermost frame of
-    the agent's own code, and the innermost of all where that is in a library."""
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
-        tb = tb.tb_next
-    if not frames:
-        return "?"
-    here = os.path.dirname(os.path.abspath(__file__))
-    ours = [f for f in frames if os.path.abspath(f[0]).startswith(here + os.sep)]
-    shown = reversed(ours[-1:] + frames[-1:])  # the innermost first; one entry where they are the same
-    return " from ".join(dict.fromkeys(f"{os.path.basename(name)}:{line}" for name, line in shown))
-
-
-def _silence_stdout() -> None:
-    # Output that cannot be written (a full disk) is lost either way; without this, Python's own
-    # flush at exit would print a second error, with a traceback.
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # AttributeError: no stdout at all
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
         return flushed(handler(args))
-    except KeyboardInterrupt:  # also during start-up, while the imports run
-        return 130
-    except Exception as exc:
+    except (KeyboardInterrupt, Exception) as exc:  # a Ctrl-C also during start-up, while the imports run
         return 130 if interrupted(exc) else report_error(exc)
-
-
-def flushed(code: int) -> int:
-    """`code`, once stdout is flushed: here, where a failure is still ours to report."""
-    if sys.stdout is not None:  # None when started with stdout closed
-        sys.stdout.flush()
-    return code
-
-
-def report_error(exc: Exception) -> int:
-    """`exc` as one line on stderr, and the exit code for it (also for python -m agent.flicker)."""
-    if isinstance(exc, AgentError):
-        print(f"emotion-agent: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    if isinstance(exc, OSError):
-        # What the system refused where no check looked: a full disk, a name too long, a closed pipe.
-        _silence_stdout()
-        name = f"{exc.filename}: " if exc.filename else ""
-        print(f"emotion-agent: error: {name}{exc.strerror or exc}", file=sys.stderr)
-        return 1
-    # A bug: one line that says where, rather than a traceback.
-    logger.debug("the error's traceback", exc_info=exc)  # with --log-level debug, for a report
-    print(f"emotion-agent: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-          f"({_where(exc)}); please report it", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":

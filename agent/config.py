@@ -22,12 +22,17 @@ import yaml
 
 from agent.errors import ConfigError
 from agent.model_files import resolve_model_path
+from agent.topics import MAX_MQTT_STRING
 
 PASSWORD_ENV = "EMOTION_AGENT_MQTT_PASSWORD"
 DEFAULT_TOPIC_PREFIX = "emotion-agent/{hostname}"
 # A source with one of these is a stream (capture.classify_source); here, not in capture, so that
 # the validation can check the URL without loading OpenCV.
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
+
+
+def is_stream_url(text: str) -> bool:
+    return text.lower().startswith(STREAM_SCHEMES)
 
 
 def setting(default: Any, description: str, *, min: float | None = None,
@@ -439,7 +444,7 @@ def _check_rules(cfg: Config, lines: _Lines) -> None:
 
 def _check_stream_url(source: str, lines: _Lines) -> None:
     """A stream URL without a host, or with a port that is none, would be reopened forever."""
-    if not source.lower().startswith(STREAM_SCHEMES):
+    if not is_stream_url(source):
         return
     shown = _shown(redact_url(source))
     try:
@@ -501,7 +506,6 @@ def _relative_to_config(data: dict, folder: Path) -> None:
 
 
 MAX_CONFIG_BYTES = 1 << 20
-MAX_MQTT_STRING = 65535  # MQTT's strings carry a 16-bit length
 MAX_CONFIG_DEPTH = 16
 
 

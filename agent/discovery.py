@@ -31,7 +31,7 @@ from agent.topics import EVENT_KINDS, Topics
 from agent.types import CAMERA_STATUSES, EMOTION_LABELS, UNCERTAIN
 
 # What `payloads.dominant_emotion` can report besides an emotion label. Spelled out here rather
-# than imported so this module depends only on types, topics and the MQTT constants.
+# than imported so this module depends only on types, topics, config and the MQTT constants.
 NO_FACE = "none"
 STATES = EMOTION_LABELS + (UNCERTAIN,)
 DOMINANT_OPTIONS = STATES + (NO_FACE,)

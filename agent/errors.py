@@ -1,4 +1,14 @@
-"""The error hierarchy: each one is turned into a single line and an exit code at the top."""
+"""The error hierarchy, and `report_error`, which turns any error into a single line and an exit
+code at the top (of emotion-agent and of python -m agent.flicker)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# The command's logger: the traceback of a bug shows with --log-level debug.
+logger = logging.getLogger("agent")
 
 
 class AgentError(Exception):
@@ -48,3 +58,53 @@ def interrupted(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def where_raised(exc: BaseException) -> str:
+    """Where an error nothing foresaw came from, for its one-line report: the innermost frame of
+    the agent's own code, and the innermost of all where that is in a library."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    if not frames:
+        return "?"
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = [f for f in frames if os.path.abspath(f[0]).startswith(here + os.sep)]
+    shown = reversed(ours[-1:] + frames[-1:])  # the innermost first; one entry where they are the same
+    return " from ".join(dict.fromkeys(f"{os.path.basename(name)}:{line}" for name, line in shown))
+
+
+def _silence_stdout() -> None:
+    # Output that cannot be written (a full disk) is lost either way; without this, Python's own
+    # flush at exit would print a second error, with a traceback.
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # AttributeError: no stdout at all
+        pass
+
+
+def flushed(code: int) -> int:
+    """`code`, once stdout is flushed: here, where a failure is still ours to report."""
+    if sys.stdout is not None:  # None when started with stdout closed
+        sys.stdout.flush()
+    return code
+
+
+def report_error(exc: Exception) -> int:
+    """`exc` as one line on stderr, and the exit code for it (emotion-agent and python -m agent.flicker)."""
+    if isinstance(exc, AgentError):
+        print(f"emotion-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        # What the system refused where no check looked: a full disk, a name too long, a closed pipe.
+        _silence_stdout()
+        name = f"{exc.filename}: " if exc.filename else ""
+        print(f"emotion-agent: error: {name}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    # A bug: one line that says where, rather than a traceback.
+    logger.debug("the error's traceback", exc_info=exc)  # with --log-level debug, for a report
+    print(f"emotion-agent: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+          f"({where_raised(exc)}); please report it", file=sys.stderr)
+    return 1

@@ -40,8 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from agent.cli import flushed, report_error
-from agent.errors import ConfigError, interrupted
+from agent.errors import ConfigError, flushed, interrupted, report_error
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
 from agent.progress import Progress
@@ -403,9 +402,7 @@ def format_pooled(runs: Sequence[RunFigures]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return flushed(_main(argv))
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:  # one line and the exit code the emotion-agent command gives
+    except (KeyboardInterrupt, Exception) as exc:  # one line and the exit code the emotion-agent command gives
         if not interrupted(exc):
             return report_error(exc)
     print("interrupted", file=sys.stderr)  # Ctrl-C: the reports printed so far stand, and no traceback

@@ -157,6 +157,9 @@ class Agent:
     def _publish_state(self, faces: Sequence[TrackedFace]) -> None:
         self._publish(self.topics.state, payloads.state_payload(faces, self.clock()), retain=True)
 
+    def _publish_stats(self) -> None:
+        self._publish(self.topics.stats, self.stats_payload(), retain=True)
+
     def stats_payload(self) -> dict:
         pub = self.publisher
         return {
@@ -265,7 +268,7 @@ class Agent:
         self._publish_state([])
         # The same for stats: the last run's would show its camera status and speed, `reconnecting`
         # after a watchdog restart, until the first stats of this run, a stats interval later.
-        self._publish(self.topics.stats, self.stats_payload(), retain=True)
+        self._publish_stats()
         window: payloads.SummaryWindow | None = None
         last_state_key = payloads.state_key([])
         next_summary = next_stats = None
@@ -299,7 +302,7 @@ class Agent:
                     self._publish_state(faces)
                     last_state_key = payloads.state_key(faces)
                 if time.monotonic() >= self._next_idle_stats:
-                    self._publish(self.topics.stats, self.stats_payload(), retain=True)
+                    self._publish_stats()
                     self._next_idle_stats = time.monotonic() + m.stats_interval_s
                 continue
             self.times.add("decode", watch.lap())
@@ -343,7 +346,7 @@ class Agent:
             self.notifier.status("processing frames")  # sent only when it changes
             self.notifier.watchdog()
             if now >= next_stats:
-                self._publish(self.topics.stats, self.stats_payload(), retain=True)
+                self._publish_stats()
                 next_stats = now + m.stats_interval_s
             if self.preview is not None:
                 shown = frame
@@ -363,7 +366,7 @@ class Agent:
         if window is not None:
             self._publish(self.topics.summary, window.payload(now, [], self.clock()))
         self._publish_state([])
-        self._publish(self.topics.stats, self.stats_payload(), retain=True)
+        self._publish_stats()
         return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EVENT_KINDS = ("face_appeared", "emotion_changed", "face_lost")
-MAX_TOPIC_BYTES = 65535  # an MQTT string carries a 16-bit length
+MAX_MQTT_STRING = 65535  # an MQTT string carries a 16-bit length
 
 
 def publishable(topic: str) -> bool:
@@ -14,7 +14,7 @@ def publishable(topic: str) -> bool:
         encoded = topic.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return 0 < len(encoded) <= MAX_TOPIC_BYTES and not any(c in topic for c in "+#\0")
+    return 0 < len(encoded) <= MAX_MQTT_STRING and not any(c in topic for c in "+#\0")
 
 
 @dataclass(frozen=True, slots=True)
