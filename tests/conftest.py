@@ -180,12 +180,14 @@ class Subscriber:
     """A real MQTT client that records every message it gets, for assertions with timeouts."""
 
     def __init__(self, port: int, topics: str | list[str] = "#", client_id: str | None = None,
-                 clean_session: bool = True, login: tuple[str, str] | None = None):
+                 clean_session: bool = True, login: tuple[str, str] | None = None, ca_file: Path | None = None):
         self.messages: queue.Queue = queue.Queue()
         self.all: list[tuple[str, bytes, bool]] = []
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean_session)
         if login is not None:
             self.client.username_pw_set(*login)
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file))
         self._subscribed = queue.Queue()
         topics = [topics] if isinstance(topics, str) else topics
 
@@ -297,6 +299,13 @@ def astronaut_bgr() -> np.ndarray:
     """scikit-image's astronaut photo (Eileen Collins, smiling), as OpenCV's BGR."""
     pytest.importorskip("skimage.data")
     return sample_photos.astronaut_bgr()
+
+
+def face_jpeg() -> bytes:
+    """The astronaut photo as one JPEG, as an MJPEG camera sends a frame."""
+    from tests.mjpeg_server import jpeg
+
+    return jpeg(astronaut_bgr())
 
 
 def grace_hopper_path() -> Path:

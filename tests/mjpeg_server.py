@@ -26,20 +26,23 @@ def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
     return data.tobytes()
 
 
-def video_jpegs(path: str, limit: int = 60, step: int = 1) -> list[bytes]:
-    """The first `limit` frames (every `step`th) of a video, as JPEGs."""
+def video_jpegs(path: str, limit: int = 60) -> list[bytes]:
+    """The first `limit` frames of a video, as JPEGs."""
     cap = cv2.VideoCapture(path)
     frames = []
-    index = 0
     while len(frames) < limit:
         ok, image = cap.read()
         if not ok:
             break
-        if index % step == 0:
-            frames.append(jpeg(image))
-        index += 1
+        frames.append(jpeg(image))
     cap.release()
     return frames
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    # Its own class: setting these on ThreadingTCPServer would change it for the whole process.
+    allow_reuse_address = True  # up() binds the same port again at once
+    daemon_threads = True
 
 
 class MjpegServer:
@@ -51,12 +54,10 @@ class MjpegServer:
     `send_next(data)`: the next part each client gets carries `data` instead of a frame.
     """
 
-    def __init__(self, frames: Sequence[bytes], fps: float = 10.0, *, content_length: bool = True,
-                 chunked: bool = True, port: int = 0):
+    def __init__(self, frames: Sequence[bytes], fps: float = 10.0, *, content_length: bool = True, port: int = 0):
         self.frames = list(frames)
         self.fps = fps
         self.content_length = content_length
-        self.chunked = chunked
         self.sent = 0  # parts sent, over every connection
         self.connections = 0
         self._running = threading.Event()  # cleared while stalled
@@ -79,15 +80,13 @@ class MjpegServer:
             def handle(self) -> None:
                 owner._serve(self.request)
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
+        server = _Server(("127.0.0.1", self.port), Handler)
         self.port = server.server_address[1]
         self._server = server
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def _write(self, conn: socket.socket, data: bytes) -> None:
-        conn.sendall(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))  # chunked, as the ESP32-CAM's server sends
 
     def _serve(self, conn: socket.socket) -> None:
         request = b""
@@ -105,7 +104,7 @@ class MjpegServer:
                 return
             conn.sendall(("HTTP/1.1 200 OK\r\n"
                           f"Content-Type: multipart/x-mixed-replace;boundary={BOUNDARY}\r\n"
-                          + ("Transfer-Encoding: chunked\r\n" if self.chunked else "")
+                          + "Transfer-Encoding: chunked\r\n"
                           + "Access-Control-Allow-Origin: *\r\n\r\n").encode())
             index = 0
             while True:
@@ -162,7 +161,6 @@ class MjpegServer:
         self._listen()
 
     def close(self) -> None:
-        self._running.set()
         self.down()
 
 

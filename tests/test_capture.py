@@ -8,7 +8,7 @@ import pytest
 from agent.capture import ImageSource, LiveSource, VideoFileSource, classify_source, make_source
 from agent.errors import SourceError
 from agent.types import CAMERA_STATUSES
-from tests.conftest import wait_until
+from tests.conftest import face_jpeg, wait_until
 
 
 def write_video(path, frames: int = 30, fps: float = 10.0, size=(64, 48)):
@@ -319,13 +319,6 @@ def test_a_video_can_start_at_a_frame_with_its_own_indexes_and_times(tmp_path):
 
 
 # --- a live MJPEG stream over HTTP, served as an ESP32-CAM serves it ---------------------------------
-
-def face_jpeg() -> bytes:
-    from tests.conftest import astronaut_bgr
-    from tests.mjpeg_server import jpeg
-
-    return jpeg(astronaut_bgr())
-
 
 def frame_from(source: LiveSource, timeout: float = 5.0):
     frame = source.read(timeout=timeout)

@@ -110,11 +110,8 @@ def secure_broker(broker_dir, pki):
     broker.stop()
 
 
-def reader(port: int, pki: Path, topics: str | list[str] = "#") -> Subscriber:
-    sub = Subscriber(port, topics)
-    sub.client.tls_set(ca_certs=str(pki / "ca.pem"))
-    sub.client.username_pw_set(READER_USER, READER_PASSWORD)
-    return sub.start()
+def reader(port: int, pki: Path, topics: str | list[str] = "#", ca: str = "ca.pem") -> Subscriber:
+    return Subscriber(port, topics, login=(READER_USER, READER_PASSWORD), ca_file=pki / ca).start()
 
 
 def agent_settings(port: int, pki: Path, **overrides) -> BrokerSettings:
@@ -430,10 +427,7 @@ def test_a_reload_after_the_ca_file_was_renewed_in_place_connects_with_the_new_o
         proc.send_signal(signal.SIGHUP)
         first.stop()
         second = tls_broker(tmp_path / "second", pki, server="rogue-server", port=first.port)
-        later = Subscriber(second.port, f"{PREFIX}/#")
-        later.client.tls_set(ca_certs=str(pki / "other-ca.pem"))
-        later.client.username_pw_set(READER_USER, READER_PASSWORD)
-        later.start()
+        later = reader(second.port, pki, f"{PREFIX}/#", ca="other-ca.pem")
         later.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=30)
         later.stop()
         code, _, err = stop_agent(proc)
@@ -451,10 +445,12 @@ def test_a_reload_while_the_ca_file_is_half_written_keeps_the_connection(secure_
     # new one could not be made, nor the old config's, and the daemon exited.
     proc, ca_file = start_agent_with_its_own_ca_file(secure_broker.port)
     sub = reader(secure_broker.port, pki, f"{PREFIX}/#")
-    sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=60)
-    ca_file.write_text("")
-    reload_and_wait_for(proc, sub, f"{PREFIX}/event/face_appeared")
-    sub.stop()
+    try:
+        sub.wait_for(lambda m: m[0] == f"{PREFIX}/event/face_appeared", timeout=60)
+        ca_file.write_text("")
+        reload_and_wait_for(proc, sub, f"{PREFIX}/event/face_appeared")
+    finally:
+        sub.stop()
     assert proc.poll() is None
     code, _, err = stop_agent(proc)
     assert code == 0, err[-3000:]
