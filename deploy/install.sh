@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
         --no-systemctl) use_systemctl=0; shift ;;
         --system-site-packages) venv_args+=(--system-site-packages); shift ;;
         --pip-args) read -r -a pip_args <<< "${2?--pip-args needs a value}"; shift 2 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n "2,/^set -eu$/{/^#/p}" "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -87,8 +87,7 @@ if [ "$is_live_root" = 1 ]; then
 fi
 # The same validation as `run`, of the main config and of every instance's (emotion-agent@NAME
 # reads NAME.yaml): a bad config stops here, before a service is (re)started with the new code.
-for config in "$etc"/*.yaml; do
-    [ -e "$config" ] || continue
+for config in "$etc"/*.yaml; do  # config.yaml at least, installed above
     "$prefix/venv/bin/emotion-agent" check-config "$config" || die "fix $config, then run this again"
 done
 
@@ -107,11 +106,11 @@ sed -e '1,2d' \
     | { printf '%s\n' '# emotion-agent@NAME: one more camera, configured by /etc/emotion-agent/NAME.yaml. Made by' \
                      '# deploy/install.sh from emotion-agent.service (see docs/deploy.md); local changes belong' \
                      '# in a drop-in (systemctl edit emotion-agent@NAME), not in this file.'; cat; } \
-    > "$unit_dir/emotion-agent@.service.tmp"
-grep -q -- '--config /etc/emotion-agent/%i.yaml$' "$unit_dir/emotion-agent@.service.tmp" \
-    || die "could not make emotion-agent@.service from emotion-agent.service (its ExecStart= changed?)"
-chmod 0644 "$unit_dir/emotion-agent@.service.tmp"
-mv "$unit_dir/emotion-agent@.service.tmp" "$unit_dir/emotion-agent@.service"
+    > "$build_dir/emotion-agent@.service"
+grep -q '^Description=emotion-agent %i: ' "$build_dir/emotion-agent@.service" \
+    && grep -q -- '--config /etc/emotion-agent/%i.yaml$' "$build_dir/emotion-agent@.service" \
+    || die "could not make emotion-agent@.service from emotion-agent.service (its Description= or ExecStart= changed?)"
+install -m 0644 "$build_dir/emotion-agent@.service" "$unit_dir/emotion-agent@.service"
 
 if [ "$use_systemctl" = 1 ] && [ "$is_live_root" = 1 ]; then
     systemctl daemon-reload

@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
         --root) root=${2:?--root needs a directory}; shift 2 ;;
         --purge) purge=1; shift ;;
         --no-systemctl) use_systemctl=0; shift ;;
-        -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
+        -h|--help) sed -n "2,/^set -eu$/{/^#/p}" "$0"; exit 0 ;;
         *) die "unknown option: $1 (see --help)" ;;
     esac
 done
@@ -32,10 +32,8 @@ units=$root/etc/systemd/system
 if [ "$live_systemctl" = 1 ]; then
     # Not installed (any more) is fine: uninstalling twice must work.
     systemctl disable --now emotion-agent.service 2>/dev/null || true
-    for link in "$units"/multi-user.target.wants/emotion-agent@*.service; do
-        [ -L "$link" ] && systemctl disable "${link##*/}" 2>/dev/null || true
-    done
-    systemctl stop 'emotion-agent@*.service' 2>/dev/null || true  # instances started but not enabled too
+    # The instances' enablement links go with the rm below (as `disable` would remove them).
+    systemctl stop 'emotion-agent@*.service' 2>/dev/null || true
 fi
 rm -f "$units/emotion-agent.service" "$units/emotion-agent@.service" \
       "$units/multi-user.target.wants/emotion-agent.service" "$units"/multi-user.target.wants/emotion-agent@*.service
