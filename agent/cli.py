@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 from agent import __version__
 from agent.argtypes import Parser, port, positive_seconds
 from agent.config import Config, load_config, read_password, redact_url, setting_location
-from agent.errors import (AgentError, BrokerError, ConfigError, SourceError, flushed, interrupted, report_error,
+from agent.errors import (AgentError, ConfigError, SourceError, flushed, interrupted, report_error,
                           where_raised)
 from agent.signal_event import SignalSafeEvent
 
@@ -256,7 +256,7 @@ def _tls_files_changed(tls, publisher: MqttPublisher) -> bool:
         logger.warning("SIGHUP: cannot read the TLS files (%s); the broker connection keeps those it has",
                        exc.strerror or exc)
         return False
-    except BrokerError as exc:
+    except ConfigError as exc:
         logger.warning("SIGHUP: %s; the broker connection keeps the TLS files it has", exc)
         return False
     logger.info("SIGHUP: the TLS files changed: connecting again with them")

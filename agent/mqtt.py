@@ -38,7 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import BrokerError
+from agent.errors import BrokerError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -87,24 +87,26 @@ def _refuse_passphrase() -> str:
 
 
 def check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
-    """Load the TLS files as a connection would, naming the one at fault (BrokerError)."""
+    """Load the TLS files as a connection would, naming the one at fault. A file that does not load
+    is a ConfigError, as a missing one is: systemd restarts the unit on a BrokerError, and a
+    restart every few seconds cannot mend a file."""
     context = ssl.create_default_context()
     if ca_file:
         try:
             context.load_verify_locations(cafile=ca_file)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            raise BrokerError(f"mqtt.tls.ca_file: not a PEM CA certificate: {ca_file} ({exc})") from None
+            raise ConfigError(f"mqtt.tls.ca_file: not a PEM CA certificate: {ca_file} ({exc})") from None
     if cert_file:
         try:
             # OpenSSL asks for an encrypted key's passphrase on the terminal, or reads stdin: a
             # service must fail instead, and say why.
             context.load_cert_chain(cert_file, key_file, password=_refuse_passphrase)
         except _EncryptedKey:
-            raise BrokerError(f"mqtt.tls.key_file: the private key is encrypted with a passphrase, which a "
+            raise ConfigError(f"mqtt.tls.key_file: the private key is encrypted with a passphrase, which a "
                               f"service cannot type: decrypt it (openssl pkey -in KEY -out PLAIN): "
                               f"{key_file or cert_file}") from None
         except (ssl.SSLError, OSError, ValueError) as exc:
-            raise BrokerError(f"mqtt.tls.cert_file/key_file: not a PEM certificate and its private key: "
+            raise ConfigError(f"mqtt.tls.cert_file/key_file: not a PEM certificate and its private key: "
                               f"{cert_file}, {key_file} ({exc})") from None
 
 

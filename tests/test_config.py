@@ -216,17 +216,18 @@ def test_check_config_checks_the_source_as_run_does(tmp_path, capsys, source, me
     assert message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("section, message", [
-    ("classifier:\n  model: {junk}\n", "cannot load model"),
-    ("detector:\n  model: {junk}\n", "cannot load model"),
-    ("mqtt:\n  tls:\n    enabled: true\n    ca_file: {junk}\n", "mqtt.tls.ca_file: not a PEM CA certificate"),
+@pytest.mark.parametrize("section, message, status", [
+    ("classifier:\n  model: {junk}\n", "cannot load model", 3),
+    ("detector:\n  model: {junk}\n", "cannot load model", 3),
+    # Config errors, as a missing file is: systemd restarts the unit on any status but 2 and 3.
+    ("mqtt:\n  tls:\n    enabled: true\n    ca_file: {junk}\n", "mqtt.tls.ca_file: not a PEM CA certificate", 2),
     ("mqtt:\n  tls:\n    enabled: true\n    cert_file: {junk}\n    key_file: {junk}\n",
-     "mqtt.tls.cert_file/key_file: not a PEM certificate and its private key"),
+     "mqtt.tls.cert_file/key_file: not a PEM certificate and its private key", 2),
 ])
-def test_check_config_loads_what_run_loads(tmp_path, capsys, section, message):
+def test_check_config_loads_what_run_loads(tmp_path, capsys, section, message, status):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a model, not a certificate")
-    assert main(["check-config", str(write(tmp_path, "source: /dev/video97\n" + section.format(junk=junk)))]) != 0
+    assert main(["check-config", str(write(tmp_path, "source: /dev/video97\n" + section.format(junk=junk)))]) == status
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 

@@ -135,43 +135,44 @@ def _video(tmp: Path) -> str:
 
 
 BAD_COMMAND_LINES = [
-    (lambda tmp: ["--source", "/nonexistent.mp4"], "source not found: /nonexistent.mp4"),
-    (lambda tmp: ["--source", str(tmp)], "source is a directory"),
-    (lambda tmp: ["--source", _file(tmp, "broken.jpg", b"not a jpeg")], "cannot read image"),
-    (lambda tmp: ["--source", _file(tmp, "broken.mp4", b"\0" * 4096)], "cannot open video"),
-    (lambda tmp: ["--mqtt-port", "99999"], "expected a port number 1..65535"),
-    (lambda tmp: ["--mqtt-port", "abc"], "expected a port number 1..65535"),
-    (lambda tmp: ["--flush-timeout", "-1"], "expected a number of seconds from 0 to 86400"),
-    (lambda tmp: ["--flush-timeout", "nan"], "expected a number of seconds from 0 to 86400"),
-    (lambda tmp: ["--flush-timeout", "1e20"], "expected a number of seconds from 0 to 86400"),
+    (lambda tmp: ["--source", "/nonexistent.mp4"], "source not found: /nonexistent.mp4", 4),
+    (lambda tmp: ["--source", str(tmp)], "source is a directory", 4),
+    (lambda tmp: ["--source", _file(tmp, "broken.jpg", b"not a jpeg")], "cannot read image", 4),
+    (lambda tmp: ["--source", _file(tmp, "broken.mp4", b"\0" * 4096)], "cannot open video", 4),
+    (lambda tmp: ["--mqtt-port", "99999"], "expected a port number 1..65535", 2),
+    (lambda tmp: ["--mqtt-port", "abc"], "expected a port number 1..65535", 2),
+    (lambda tmp: ["--flush-timeout", "-1"], "expected a number of seconds from 0 to 86400", 2),
+    (lambda tmp: ["--flush-timeout", "nan"], "expected a number of seconds from 0 to 86400", 2),
+    (lambda tmp: ["--flush-timeout", "1e20"], "expected a number of seconds from 0 to 86400", 2),
     (lambda tmp: ["--source", _video(tmp), "--config", _file(tmp, "c.yaml", b"classifier:\n  model: "
-                  + _file(tmp, "junk.tflite", b"junk").encode() + b"\n")], "cannot load model"),  # decode thread up
-    (lambda tmp: ["--mqtt-host", "mqtt://x"], "mqtt.host: expected a host name or IP address"),
-    (lambda tmp: ["--mqtt-host", "a b"], "mqtt.host: expected a host name or IP address"),
-    (lambda tmp: ["--topic-prefix", "a/#"], "mqtt.topic_prefix: expected topic levels without wildcards"),
-    (lambda tmp: ["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+                  + _file(tmp, "junk.tflite", b"junk").encode() + b"\n")], "cannot load model", 3),  # decode thread up
+    (lambda tmp: ["--mqtt-host", "mqtt://x"], "mqtt.host: expected a host name or IP address", 2),
+    (lambda tmp: ["--mqtt-host", "a b"], "mqtt.host: expected a host name or IP address", 2),
+    (lambda tmp: ["--topic-prefix", "a/#"], "mqtt.topic_prefix: expected topic levels without wildcards", 2),
+    (lambda tmp: ["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml", 2),
     (lambda tmp: ["--config", _file(tmp, "c.yaml", b"classifier:\n  model: "
-                                    + _file(tmp, "junk.tflite", b"junk").encode() + b"\n")], "cannot load model"),
+                                    + _file(tmp, "junk.tflite", b"junk").encode() + b"\n")], "cannot load model", 3),
     (lambda tmp: ["--config", _file(tmp, "c.yaml", b"detector:\n  model: /nonexistent.tflite\n")],
-     "detector.model: file not found"),
+     "detector.model: file not found", 2),
     (lambda tmp: ["--config", _file(tmp, "c.yaml", b"mqtt:\n  tls:\n    enabled: true\n    ca_file: "
                                     + _file(tmp, "ca.pem", b"not a certificate").encode() + b"\n")],
-     "mqtt.tls.ca_file: not a PEM CA certificate"),
+     "mqtt.tls.ca_file: not a PEM CA certificate", 2),
 ]
 
 
-@pytest.mark.parametrize("make_args, message", BAD_COMMAND_LINES, ids=[m for _, m in BAD_COMMAND_LINES])
-def test_bad_command_line_is_one_line_and_non_zero(tmp_path, smiling_photo, make_args, message):
+# The status is the unit's restart policy: systemd restarts it on 4 (a source), never on 2 or 3.
+@pytest.mark.parametrize("make_args, message, status", BAD_COMMAND_LINES, ids=[m for _, m, _ in BAD_COMMAND_LINES])
+def test_bad_command_line_is_one_line_and_its_exit_status(tmp_path, smiling_photo, make_args, message, status):
     args = make_args(tmp_path)
     if "--source" not in args:
         args += ["--source", str(smiling_photo)]
     done = subprocess.run([sys.executable, "-m", "agent", "run", *args], capture_output=True, text=True,
                           timeout=60)
-    assert done.returncode != 0
+    assert done.returncode == status, done.stderr
     errors = [line for line in done.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert "Traceback" not in done.stderr
-    assert done.returncode > 0 and "terminate called" not in done.stderr, "aborted instead of exiting"
+    assert "terminate called" not in done.stderr, "aborted instead of exiting"
 
 
 @pytest.fixture
