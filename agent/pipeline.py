@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 # How long a still image is held so the smoother can settle on its expression (seconds).
 STILL_IMAGE_STEP_S = 0.1
+# A camera.max_fps rest wakes this often to ping the watchdog (which sends at most two a WatchdogSec).
+PACE_SLICE_S = 1.0
 
 
 def make_detector_from(cfg: Config) -> FaceDetector:
@@ -80,8 +82,15 @@ def discovery_settings(cfg: Config) -> DiscoverySettings | None:
     root = topic_root(m)
     return DiscoverySettings(
         prefix=m.discovery.prefix, node_id=node_id_for(client_id(m)), device_name=device_name_for(hostname(), root),
-        topics=Topics(root), state_expire_after_s=expire_after_for(m.summary_interval_s),
-        stats_expire_after_s=expire_after_for(m.stats_interval_s))
+        topics=Topics(root), state_expire_after_s=expire_after_for(_resent_every(cfg, m.summary_interval_s)),
+        stats_expire_after_s=expire_after_for(_resent_every(cfg, m.stats_interval_s)))
+
+
+def _resent_every(cfg: Config, period_s: float) -> float:
+    """How often a periodic message goes out: its period, or the frame interval where
+    camera.max_fps asks for fewer frames than that (they are sent after a frame)."""
+    max_fps = cfg.camera.max_fps
+    return max(period_s, 1.0 / max_fps) if max_fps else period_s
 
 
 def retained_topics(cfg: Config) -> set[str]:
@@ -198,12 +207,15 @@ class Agent:
     # --- the loop ---------------------------------------------------------------------------
 
     def _pace(self, frame_started: float) -> None:
-        """With camera.max_fps, rest until the next frame slot (a live source keeps only the newest)."""
+        """With camera.max_fps, rest until the next frame slot (a live source keeps only the newest).
+        The rest is the agent's own choice, not a hang: the watchdog is pinged through it, or a
+        max_fps below one frame per WatchdogSec would have systemd kill the service at every rest."""
         max_fps = self.cfg.camera.max_fps
-        if max_fps and self.source.live:
-            rest = frame_started + 1.0 / max_fps - time.monotonic()
-            if rest > 0:
-                self._stop.wait(rest)
+        if not (max_fps and self.source.live):
+            return
+        until = frame_started + 1.0 / max_fps
+        while (rest := until - time.monotonic()) > 0 and not self._stop.wait(min(rest, PACE_SLICE_S)):
+            self.notifier.watchdog()
 
     def _is_due(self, frame) -> bool:
         """Whether this frame gets a fresh detection (at most every detector.interval_s of the

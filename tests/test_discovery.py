@@ -492,6 +492,18 @@ def test_expire_after_outlasts_the_republish_period_of_its_topic(published, agen
         assert payload["expire_after"] > period[payload["state_topic"]], topic
 
 
+@pytest.mark.parametrize("max_fps, state_s, stats_s", [(None, 180, 90), (1, 180, 90), (0.02, 180, 150),
+                                                       (0.005, 600, 600)])
+def test_expire_after_outlasts_the_frame_interval_camera_max_fps_asks_for(max_fps, state_s, stats_s):
+    # State and stats go out after a frame: with a frame every 200 s the sensors went unavailable
+    # between two frames of a healthy camera.
+    from agent.config import load_config
+    from agent.pipeline import discovery_settings
+
+    settings = discovery_settings(load_config(None, {"camera.max_fps": max_fps}))
+    assert (settings.state_expire_after_s, settings.stats_expire_after_s) == (state_s, stats_s)
+
+
 @pytest.mark.parametrize("period_s,expected", [(60, 180), (30, 90), (1, 3), (0.1, 1), (2.5, 8)])
 def test_expire_after_for_a_period_is_three_periods_in_whole_seconds(period_s, expected):
     assert discovery.expire_after_for(period_s) == expected

@@ -207,6 +207,48 @@ def test_a_camera_slower_than_the_gap_keeps_its_faces_between_frames():
     assert kinds == ["face_appeared", "face_lost"]  # one face, lost only at the end
 
 
+class InstantCamera(CameraWithOutage):
+    """A live camera that always has a frame ready."""
+
+    def __init__(self, image):
+        super().__init__(image, publisher=None, before_s=1e9, outage_s=0.0)
+
+    def read(self):
+        self.index += 1
+        return Frame(self.image, time.monotonic(), self.index)
+
+
+def test_the_watchdog_is_pinged_through_a_camera_max_fps_rest(tmp_path):
+    # The rest between frames is the agent's choice: with camera.max_fps below one frame per
+    # WatchdogSec, systemd killed the service at every rest for want of a ping.
+    import os
+    import socket
+
+    from agent.notify import SystemdNotifier
+
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent", "camera.max_fps": 0.2})
+    agent = build_agent(cfg, source=InstantCamera(astronaut_bgr()), publisher=MemoryPublisher())
+    agent.notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000",
+                                      "WATCHDOG_PID": str(os.getpid())})
+    threading.Timer(3.5, agent.stop).start()  # one frame at 0 s, then resting until 5 s
+    try:
+        agent.run()
+        sock.setblocking(False)
+        pings = []
+        while True:
+            try:
+                pings.append(sock.recv(1024))
+            except BlockingIOError:
+                break
+    finally:
+        sock.close()
+    # At most two a second (the notifier's own limit): one after the frame, then through the rest.
+    assert pings.count(b"WATCHDOG=1") >= 4, pings
+
+
 def test_the_loop_stops_on_an_event_a_signal_handler_may_set(tmp_path):
     # SIGTERM's handler sets it; a plain threading.Event deadlocks a handler that comes while the
     # main thread is inside the same event's wait (tests/test_signal_event.py).
