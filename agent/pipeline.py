@@ -132,6 +132,7 @@ class Agent:
     _watch: Stopwatch = field(default_factory=Stopwatch)
     _last_detect: float | None = None
     _next_idle_stats: float = 0.0
+    _stats_camera: str | None = None  # the camera status the last stats said
     _detected: list = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic)
 
@@ -167,7 +168,16 @@ class Agent:
         self._publish(self.topics.state, payloads.state_payload(faces, self.clock()), retain=True)
 
     def _publish_stats(self) -> None:
-        self._publish(self.topics.stats, self.stats_payload(), retain=True)
+        payload = self.stats_payload()
+        self._stats_camera = payload["camera"]
+        self._next_idle_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
+        self._publish(self.topics.stats, payload, retain=True)
+
+    def _camera_status_changed(self) -> bool:
+        """Whether a live camera's status moved on from what the last stats said: its change goes
+        out at once, so an automation on `reconnecting` (or back to `ok`) need not wait a stats
+        interval. (A file's one change, to `ended`, goes out with the stats at its end.)"""
+        return self.source.live and self.source.status() != self._stats_camera
 
     def stats_payload(self) -> dict:
         pub = self.publisher
@@ -313,9 +323,8 @@ class Agent:
                     faces = self.tracker.faces()
                     self._publish_state(faces)
                     last_state_key = payloads.state_key(faces)
-                if time.monotonic() >= self._next_idle_stats:
+                if time.monotonic() >= self._next_idle_stats or self._camera_status_changed():
                     self._publish_stats()
-                    self._next_idle_stats = time.monotonic() + m.stats_interval_s
                 continue
             self.times.add("decode", watch.lap())
             now = frame.timestamp
@@ -360,6 +369,8 @@ class Agent:
             if now >= next_stats:
                 self._publish_stats()
                 next_stats = now + m.stats_interval_s
+            elif self._camera_status_changed():
+                self._publish_stats()
             if self.preview is not None:
                 shown = frame
                 if not self.preview.show(frame.image, faces, self.times.fps()):

@@ -71,7 +71,8 @@ def test_discovery_and_state_are_retained_events_are_not(tmp_path):
 class CameraWithOutage:
     """A live source standing in for a camera that goes away and comes back (no camera can be
     unplugged in a test): a real photo at 20 frames/s, then nothing for `outage_s`, then the photo
-    again until the agent is stopped. Frame times are monotonic, as LiveSource's are."""
+    again until the agent is stopped. Frame times are monotonic, as LiveSource's are, and its
+    status follows its reads, as LiveSource's does."""
 
     live, still = True, False
 
@@ -81,21 +82,23 @@ class CameraWithOutage:
         self.before_s, self.outage_s = before_s, outage_s
         self.index = 0
         self.messages_before_resume: int | None = None
+        self._status = "starting"
 
     def read(self):
         elapsed = time.monotonic() - self.started
         if self.before_s <= elapsed < self.before_s + self.outage_s:
             time.sleep(0.2)  # LiveSource.read waits, then says there is nothing
+            self._status = "reconnecting"
             return None
         if elapsed >= self.before_s and self.messages_before_resume is None:
             self.messages_before_resume = len(self.publisher.messages)
         time.sleep(0.05)
         self.index += 1
+        self._status = "ok"
         return Frame(self.image, time.monotonic(), self.index)
 
     def status(self):
-        elapsed = time.monotonic() - self.started
-        return "reconnecting" if self.before_s <= elapsed < self.before_s + self.outage_s else "ok"
+        return self._status
 
     def dropped(self):
         return 0
@@ -126,6 +129,21 @@ def test_a_camera_outage_loses_the_faces_and_a_face_after_it_is_a_new_one():
     assert any(t == "t/agent/state" and p["faces_in_view"] == 0 for t, p in messages[lost_at:resume])
     outage_stats = [p for t, p in messages[lost_at:resume] if t == "t/agent/stats"]
     assert outage_stats and all(p["camera"] == "reconnecting" and p["fps"] == 0 for p in outage_stats)
+
+
+def test_the_camera_status_goes_out_when_it_changes_not_a_stats_interval_later():
+    # An automation on the camera sensor going `reconnecting`, or back to `ok`, waited up to
+    # mqtt.stats_interval_s (30 s) for the stats that carry it.
+    cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent"})
+    publisher = MemoryPublisher()
+    camera = CameraWithOutage(astronaut_bgr(), publisher, before_s=1.0, outage_s=1.5)
+    agent = build_agent(cfg, source=camera, publisher=publisher)
+    before_stop = []
+    threading.Timer(3.5, lambda: (before_stop.append(len(publisher.messages)), agent.stop())).start()
+    agent.run()
+    said = [json.loads(m.payload)["camera"] for m in publisher.messages[:before_stop[0]] if m.topic == "t/agent/stats"]
+    # Start-up, the first frame, the outage, the camera back: each once, long before 30 s.
+    assert said == ["starting", "ok", "reconnecting", "ok"]
 
 
 class OneFrameThenGone(CameraWithOutage):
