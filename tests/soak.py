@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.config import MqttConfig  # noqa: E402
 from tests.conftest import Broker, Subscriber  # noqa: E402
 
 PREFIX = "soak/agent"
@@ -82,6 +83,15 @@ def main() -> int:
     args = parser.parse_args()
     if not Path(args.video).is_file():
         parser.error(f"no such video: {args.video}")
+    if args.interval <= 0 or args.minutes * 60 < args.interval:
+        parser.error("--interval must be above 0 and at most --minutes")
+    # The frame count comes with stats, every stats_interval_s: the last third must hold one.
+    stats_every = MqttConfig().stats_interval_s
+    if args.minutes * 60 / 3 < stats_every + args.interval:
+        shortest = 3 * (stats_every + args.interval) / 60
+        parser.error(f"--minutes {args.minutes:g} is too short to tell the agent still runs at its end: "
+                     f"its last third must hold a stats message (every {stats_every:g} s); at --interval "
+                     f"{args.interval:g}, give at least {shortest:g}")
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         broker = Broker(Path(tmp))
