@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -112,9 +113,18 @@ def open_stream(url: str, timeout_s: float) -> cv2.VideoCapture:
     return cv2.VideoCapture(url, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
 
 
+def camera_device(target: int | str) -> str | None:
+    """The device file a camera source opens, where it is known: a /dev path as given, or on
+    Linux an index, which OpenCV's V4L2 backend opens as /dev/video<index>."""
+    if isinstance(target, int):
+        return f"/dev/video{target}" if sys.platform.startswith("linux") else None
+    return target
+
+
 def camera_device_missing(kind: str, target: int | str) -> bool:
-    """A /dev camera path that is not there now (it is waited for, like an unplugged camera)."""
-    return kind == "camera" and isinstance(target, str) and not Path(target).exists()
+    """A camera device that is not there now (it is waited for, like an unplugged camera)."""
+    device = camera_device(target) if kind == "camera" else None
+    return device is not None and not Path(device).exists()
 
 
 def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
@@ -574,7 +584,7 @@ def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool 
     if kind == "image":
         return ImageSource(str(target))
     if camera_device_missing(kind, target):
-        logger.warning("camera device %s is not present (yet): waiting for it", target)
+        logger.warning("camera device %s is not present (yet): waiting for it", camera_device(target))
     options = {}
     if camera is not None:
         options = dict(width=camera.width, height=camera.height, fps=camera.fps,

@@ -152,8 +152,9 @@ def unix_socket(path) -> str:
     return str(path)
 
 
-def test_a_missing_camera_device_is_waited_for_like_an_unplugged_camera(caplog):
-    source = make_source("/dev/video99", None)
+@pytest.mark.parametrize("source", ["/dev/video99", "99"])  # an index opens /dev/video<index> on Linux
+def test_a_missing_camera_device_is_waited_for_like_an_unplugged_camera(caplog, source):
+    source = make_source(source, None)
     try:
         assert source.live and source.read(timeout=0.3) is None
         assert source.status() in ("starting", "reconnecting")

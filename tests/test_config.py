@@ -232,8 +232,9 @@ def test_check_config_loads_what_run_loads(tmp_path, capsys, section, message, s
     assert message in err and err.count("\n") == 1
 
 
-def test_check_config_says_a_missing_camera_device_is_waited_for(tmp_path, capsys):
-    assert main(["check-config", str(write(tmp_path, "source: /dev/video97\n"))]) == 0
+@pytest.mark.parametrize("source", ["/dev/video97", "97"])  # an index opens /dev/video<index> on Linux
+def test_check_config_says_a_missing_camera_device_is_waited_for(tmp_path, capsys, source):
+    assert main(["check-config", str(write(tmp_path, f"source: {source}\n"))]) == 0
     assert "camera (not present now: run waits for it)" in capsys.readouterr().out
 
 
