@@ -98,8 +98,8 @@ upgrade=0
 install -m 0644 "$source_dir/deploy/emotion-agent.service" "$unit_dir/emotion-agent.service"
 # One more camera per instance: emotion-agent@kitchen runs with /etc/emotion-agent/kitchen.yaml.
 # The template is the unit above with its description and config file changed, made from it so
-# the two cannot drift apart.
-sed -e '1,2d' \
+# the two cannot drift apart; the unit's header comment, above [Unit], gives way to its own.
+sed -e '1,/^\[Unit\]$/{/^#/d}' \
     -e 's|^Description=emotion-agent: |Description=emotion-agent %i: |' \
     -e 's|--config /etc/emotion-agent/config.yaml$|--config /etc/emotion-agent/%i.yaml|' \
     "$source_dir/deploy/emotion-agent.service" \

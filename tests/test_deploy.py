@@ -122,10 +122,11 @@ def test_installed_units_pass_systemd_analyze_verify(scratch_install, tmp_path, 
 def test_the_instance_template_is_the_unit_with_its_own_name_and_config(scratch_install):
     template = (scratch_install / "etc/systemd/system/emotion-agent@.service").read_text().splitlines()
     unit = UNIT.read_text().splitlines()
+    unit = unit[unit.index("[Unit]"):]  # its header comment, however long, gives way to the template's
     assert template[3:] == [line.replace("Description=emotion-agent: ", "Description=emotion-agent %i: ")
                                 .replace("--config /etc/emotion-agent/config.yaml", "--config /etc/emotion-agent/%i.yaml")
-                            for line in unit[2:]]
-    assert sum(a != b for a, b in zip(template[3:], unit[2:])) == 2  # both lines were found and changed
+                            for line in unit]
+    assert sum(a != b for a, b in zip(template[3:], unit)) == 2  # both lines were found and changed
     assert all(line.startswith("# ") for line in template[:3]) and "emotion-agent@NAME" in template[0]
 
 
