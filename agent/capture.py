@@ -23,6 +23,7 @@ import numpy as np
 
 from agent.config import is_stream_url, redact_url
 from agent.errors import SourceError
+from agent.image_size import image_size
 from agent.types import Frame
 
 logger = logging.getLogger(__name__)
@@ -127,11 +128,23 @@ def camera_device_missing(kind: str, target: int | str) -> bool:
     return device is not None and not Path(device).exists()
 
 
+# Decoded, a picture takes the agent about 6 bytes a pixel at its peak: 2.4 GB for a 20000x20000
+# PNG of 1.2 MB, 660 MB for a 10000x10000 JPEG. Past 100 million pixels it is refused, unread.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
 def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """The image in file `path`, or None where there is none to decode: not a file (a named pipe
-    would have OpenCV wait for a writer, forever), or not an image OpenCV reads."""
+    would have OpenCV wait for a writer, forever), or not an image OpenCV reads. SourceError for
+    one whose header says it is larger than MAX_IMAGE_PIXELS, before it is decoded."""
     if not os.path.isfile(path):
         return None
+    size = image_size(path)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        width, height = size
+        raise SourceError(f"cannot read image {path}: {width}x{height} is {width * height / 1e6:.0f} million pixels, "
+                          f"more than the {MAX_IMAGE_PIXELS // 1_000_000} million the agent decodes; a smaller "
+                          f"copy will do (faces need far fewer pixels)")
     try:
         return _read_image(path, flags)
     except cv2.error as exc:

@@ -317,12 +317,27 @@ def png_header_claiming(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_a_picture_too_large_to_decode_is_refused_unread(tmp_path, command):
+    # A 1.2 MB PNG of 20000x20000 pixels took run 2.4 GB, which would get a Pi's agent killed for
+    # memory; under OpenCV's own limit (2^30 pixels), nothing refused it.
+    image = tmp_path / "bomb.png"
+    image.write_bytes(png_header_claiming(20000, 20000))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"source: {image}\nmqtt:\n  port: 9\n")
+    result = agent(*(["run", "--config", str(config)] if command == "run" else ["check-config", str(config)]))
+    assert result.returncode == (4 if command == "run" else 2)
+    assert one_line_error(result).endswith(f"cannot read image {image}: 20000x20000 is 400 million pixels, more "
+                                           f"than the 100 million the agent decodes; a smaller copy will do "
+                                           f"(faces need far fewer pixels)")
+
+
 @pytest.mark.parametrize("make_bad, said", [
     # OpenCV opened it and waited for a writer: eval hung, silently, for ever.
     pytest.param(lambda path: os.mkfifo(path), None, id="named-pipe"),
     # One such file among thousands ended the whole eval with exit 4; others it cannot read are skipped.
-    pytest.param(lambda path: path.write_bytes(png_header_claiming(40000, 40000)), "b.png: OpenCV refused it",
-                 id="over-opencvs-pixel-limit"),
+    pytest.param(lambda path: path.write_bytes(png_header_claiming(40000, 40000)),
+                 "b.png: 40000x40000 is 1600 million pixels", id="over-the-pixel-limit"),
 ])
 def test_a_face_file_eval_cannot_read_is_skipped_not_the_end_of_it(tmp_path, make_bad, said):
     _gray_png(tmp_path / "faces" / "happy" / "a.png")
