@@ -78,10 +78,10 @@ def is_truncated_jpeg(path: str | Path) -> bool:
     return not _ends_whole(tail)
 
 
-def decoded_jpeg(data: np.ndarray) -> np.ndarray | None:
-    """One JPEG of a stream, decoded; None if it is damaged: not a JPEG, or cut short (which libjpeg
-    and FFmpeg would show with its lower part grey)."""
-    if data.size < 4 or not _ends_whole(data.ravel()[-64:].tobytes()):
+def decoded_jpeg(data: np.ndarray | None) -> np.ndarray | None:
+    """One JPEG of a stream, decoded; None if it is damaged: empty, not a JPEG, or cut short (which
+    libjpeg and FFmpeg would show with its lower part grey)."""
+    if data is None or data.size < 4 or not _ends_whole(data.ravel()[-64:].tobytes()):
         return None
     return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
@@ -435,15 +435,19 @@ class LiveSource:
             failures = 0
             jpegs = self._hands_over_jpegs(cap)
             while not self._stop.is_set():
-                ok, image = cap.read()
+                if jpegs:
+                    # Not `read`: it fails for an empty part (some cameras send one while the sensor
+                    # is busy) as for a lost stream, and five in a row reopened it. Its grab works.
+                    ok = cap.grab()
+                    image = decoded_jpeg(cap.retrieve()[1]) if ok else None
+                else:
+                    ok, image = cap.read()
                 if not ok:
                     failures += 1
                     # A few failed reads in a row mean the device or stream is gone.
                     if failures >= 5:
                         break
                     continue
-                if jpegs:
-                    image = decoded_jpeg(image)
                 if not _valid_frame(image):
                     self._corrupt += 1
                     continue

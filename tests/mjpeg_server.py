@@ -86,7 +86,8 @@ class MjpegServer:
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def _write(self, conn: socket.socket, data: bytes) -> None:
-        conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))  # chunked, as the ESP32-CAM's server sends
+        if data:  # an empty chunk would end the response
+            conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))  # chunked, as the ESP32-CAM's server sends
 
     def _serve(self, conn: socket.socket) -> None:
         request = b""
