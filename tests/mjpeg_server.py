@@ -51,7 +51,8 @@ class MjpegServer:
 
     `stall()`: every connection stays open and sends nothing more, until `resume()`.
     `down()`: every connection is closed and the port refuses, until `up()`.
-    `send_next(data)`: the next part each client gets carries `data` instead of a frame.
+    `send_next(data, length)`: the next part each client gets carries `data` instead of a frame,
+    and `length` (as given) in its Content-Length header instead of the length of `data`.
     """
 
     def __init__(self, frames: Sequence[bytes], fps: float = 10.0, *, content_length: bool = True, port: int = 0):
@@ -111,11 +112,11 @@ class MjpegServer:
             while True:
                 self._running.wait()
                 with self._lock:
-                    body = self._injected.pop(0) if self._injected else self.frames[index % len(self.frames)]
+                    body, length = self._injected.pop(0) if self._injected else (self.frames[index % len(self.frames)], None)
                 index += 1
                 head = "Content-Type: image/jpeg\r\n"
                 if self.content_length:
-                    head += f"Content-Length: {len(body)}\r\n"
+                    head += f"Content-Length: {len(body) if length is None else length}\r\n"
                 self._write(conn, f"\r\n--{BOUNDARY}\r\n{head}\r\n".encode())
                 self._write(conn, body)
                 self.sent += 1
@@ -130,9 +131,9 @@ class MjpegServer:
             except OSError:
                 pass
 
-    def send_next(self, data: bytes) -> None:
+    def send_next(self, data: bytes, length: str | None = None) -> None:
         with self._lock:
-            self._injected.append(data)
+            self._injected.append((data, length))
 
     def stall(self) -> None:
         self._running.clear()

@@ -339,14 +339,21 @@ def test_an_esp32_mjpeg_stream_is_read_with_or_without_content_length(mjpeg_serv
     assert frames[-1].index > frames[0].index and source.status() == "ok" and source.corrupt() == 0
 
 
-def test_a_stream_that_stalls_with_its_connection_open_is_reported_and_reopened(mjpeg_server, caplog):
+@pytest.mark.parametrize("stall", [
+    pytest.param(lambda server: server.stall(), id="nothing-sent"),
+    # FFmpeg reads on for the length a part claims (here the next 100 MB of the stream), growing the
+    # part as it comes: no frame until the read gives up at the stall timeout, as for a stall.
+    pytest.param(lambda server: server.send_next(face_jpeg(), "99999999"), id="a-part-claiming-100-MB"),
+])
+def test_a_stream_that_stalls_with_its_connection_open_is_reported_and_reopened(mjpeg_server, caplog, stall):
     # FFmpeg's read waited 30 s on a stalled stream, and all that while the camera showed "ok".
     server = mjpeg_server([face_jpeg()], fps=20)
     with caplog.at_level(logging.INFO, logger="agent.capture"):
-        source = LiveSource(server.url, retry_initial_s=0.05, retry_max_s=0.2, stall_timeout_s=1)
+        # 0.2 s to the first retry: "reconnecting" lasts long enough to be seen where it reopens at once.
+        source = LiveSource(server.url, retry_initial_s=0.2, retry_max_s=0.2, stall_timeout_s=1)
         try:
             frame_from(source)
-            server.stall()
+            stall(server)
             assert wait_until(lambda: source.status() == "reconnecting", timeout=5) < 3
             server.resume()
             frame_from(source)
@@ -440,6 +447,23 @@ def test_damaged_parts_of_a_stream_are_skipped_quietly_and_counted(mjpeg_server,
     # Rejected before decoding: libjpeg, which writes to stderr (the journal) for a part it
     # decodes, never sees them.
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("length", ["0", "-1", "none", "3000000000"])
+def test_a_part_whose_content_length_makes_no_sense_is_read_to_its_boundary(mjpeg_server, length, caplog):
+    # FFmpeg, which splits the stream into parts, takes such a length for none given.
+    server = mjpeg_server([face_jpeg()], fps=20)
+    source = LiveSource(server.url)
+    try:
+        frame_from(source)
+        server.send_next(face_jpeg(), length)
+        sent = server.sent
+        wait_until(lambda: server.sent > sent + 3, timeout=5)
+        frame_from(source)
+        assert source.corrupt() == 0 and server.connections == 1
+    finally:
+        source.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_a_stream_whose_frame_size_changes_gives_frames_of_the_new_size(mjpeg_server):
