@@ -73,49 +73,54 @@ def test_image_source_is_one_still_frame(smiling_photo):
     assert source.read() is None
 
 
-def test_live_source_hands_out_only_the_newest_frame_and_counts_the_rest(tmp_path):
-    # A real VideoCapture on a file read as fast as it decodes stands in for a fast camera.
-    clip = write_video(tmp_path / "clip.avi", frames=200, fps=30)
-    source = LiveSource(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
-    try:
-        first = source.read(timeout=5)
-        assert first is not None
-        time.sleep(0.3)  # a slow consumer
-        second = source.read(timeout=5)
-        assert second.index > first.index + 1, "a stale frame was handed out"
-        assert source.dropped() > 0
-    finally:
+@pytest.fixture
+def live_source():
+    """Starts LiveSources; closed after the test."""
+    made: list[LiveSource] = []
+
+    def make(target, **kwargs) -> LiveSource:
+        made.append(LiveSource(target, **kwargs))
+        return made[-1]
+
+    yield make
+    for source in made:
         source.close()
 
 
-def test_live_source_reopens_after_the_stream_ends_and_says_when_it_is_back(tmp_path, caplog):
+def test_live_source_hands_out_only_the_newest_frame_and_counts_the_rest(tmp_path, live_source):
+    # A real VideoCapture on a file read as fast as it decodes stands in for a fast camera.
+    clip = write_video(tmp_path / "clip.avi", frames=200, fps=30)
+    source = live_source(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
+    first = source.read(timeout=5)
+    assert first is not None
+    time.sleep(0.3)  # a slow consumer
+    second = source.read(timeout=5)
+    assert second.index > first.index + 1, "a stale frame was handed out"
+    assert source.dropped() > 0
+
+
+def test_live_source_reopens_after_the_stream_ends_and_says_when_it_is_back(tmp_path, caplog, live_source):
     clip = write_video(tmp_path / "clip.avi", frames=10, fps=30)
     with caplog.at_level(logging.INFO, logger="agent.capture"):
-        source = LiveSource(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
-        try:
-            seen = set()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and len(seen) < 15:
-                frame = source.read(timeout=1)
-                if frame is not None:
-                    seen.add(frame.index)
-            assert len(seen) >= 15, "the source did not come back after the end of the stream"
-        finally:
-            source.close()
+        source = live_source(str(clip), retry_initial_s=0.05, retry_max_s=0.1)
+        seen = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(seen) < 15:
+            frame = source.read(timeout=1)
+            if frame is not None:
+                seen.add(frame.index)
+        assert len(seen) >= 15, "the source did not come back after the end of the stream"
     said = [r.getMessage() for r in caplog.records]
     went = [i for i, line in enumerate(said) if "reconnecting (it stopped giving frames" in line]
     back = [i for i, line in enumerate(said) if line.endswith(": ok")]
     assert went and back and back[-1] > went[0], said
 
 
-def test_live_source_that_cannot_open_keeps_retrying_and_says_so(tmp_path, caplog):
+def test_live_source_that_cannot_open_keeps_retrying_and_says_so(tmp_path, caplog, live_source):
     with caplog.at_level(logging.WARNING, logger="agent.capture"):
-        source = LiveSource(str(tmp_path / "unplugged.avi"), retry_initial_s=0.05, retry_max_s=0.1)
-        try:
-            assert source.read(timeout=0.5) is None
-            assert source.status() == "reconnecting"
-        finally:
-            source.close()
+        source = live_source(str(tmp_path / "unplugged.avi"), retry_initial_s=0.05, retry_max_s=0.1)
+        assert source.read(timeout=0.5) is None
+        assert source.status() == "reconnecting"
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1, "one line when it goes, not one per retry"
     assert "reconnecting (cannot open it" in said[0] and "up to every 0.1 s" in said[0]
@@ -274,16 +279,13 @@ def test_a_jpeg_cut_short_is_read_but_named_as_damaged(tmp_path, smiling_photo, 
     assert [r.getMessage() for r in caplog.records] == [f"image {cut} is damaged (a JPEG cut short): its lower part is blank"]
 
 
-def test_a_stream_password_stays_out_of_the_log(tmp_path, caplog):
+def test_a_stream_password_stays_out_of_the_log(tmp_path, caplog, live_source):
     url = "rtsp://admin:S3cret@192.168.1.20:554/stream1?channel=1"
     missing = str(tmp_path / "nothing.avi")  # a real capture that cannot open, standing in for the camera
     with caplog.at_level(logging.INFO, logger="agent.capture"):
-        source = LiveSource(url, retry_initial_s=0.05, retry_max_s=0.1,
-                            open_capture=lambda target: cv2.VideoCapture(missing))
-        try:
-            assert source.read(timeout=0.3) is None
-        finally:
-            source.close()
+        source = live_source(url, retry_initial_s=0.05, retry_max_s=0.1,
+                             open_capture=lambda target: cv2.VideoCapture(missing))
+        assert source.read(timeout=0.3) is None
     assert "stream rtsp://admin:***@192.168.1.20:554/stream1?channel=1: reconnecting" in caplog.text
     assert "S3cret" not in caplog.text
 
@@ -328,13 +330,10 @@ def frame_from(source: LiveSource, timeout: float = 5.0):
 
 
 @pytest.mark.parametrize("content_length", [True, False])
-def test_an_esp32_mjpeg_stream_is_read_with_or_without_content_length(mjpeg_server, content_length):
+def test_an_esp32_mjpeg_stream_is_read_with_or_without_content_length(mjpeg_server, content_length, live_source):
     server = mjpeg_server([face_jpeg()], fps=20, content_length=content_length)
-    source = LiveSource(server.url)
-    try:
-        frames = [frame_from(source) for _ in range(5)]
-    finally:
-        source.close()
+    source = live_source(server.url)
+    frames = [frame_from(source) for _ in range(5)]
     assert all(f.image.shape == (512, 512, 3) for f in frames)
     assert frames[-1].index > frames[0].index and source.status() == "ok" and source.corrupt() == 0
 
@@ -345,40 +344,34 @@ def test_an_esp32_mjpeg_stream_is_read_with_or_without_content_length(mjpeg_serv
     # part as it comes: no frame until the read gives up at the stall timeout, as for a stall.
     pytest.param(lambda server: server.send_next(face_jpeg(), "99999999"), id="a-part-claiming-100-MB"),
 ])
-def test_a_stream_that_stalls_with_its_connection_open_is_reported_and_reopened(mjpeg_server, caplog, stall):
+def test_a_stream_that_stalls_with_its_connection_open_is_reported_and_reopened(mjpeg_server, caplog, stall, live_source):
     # FFmpeg's read waited 30 s on a stalled stream, and all that while the camera showed "ok".
     server = mjpeg_server([face_jpeg()], fps=20)
     with caplog.at_level(logging.INFO, logger="agent.capture"):
         # 0.2 s to the first retry: "reconnecting" lasts long enough to be seen where it reopens at once.
-        source = LiveSource(server.url, retry_initial_s=0.2, retry_max_s=0.2, stall_timeout_s=1)
-        try:
-            frame_from(source)
-            stall(server)
-            assert wait_until(lambda: source.status() == "reconnecting", timeout=5) < 3
-            server.resume()
-            frame_from(source)
-            assert source.status() == "ok" and server.connections >= 2
-        finally:
-            source.close()
+        source = live_source(server.url, retry_initial_s=0.2, retry_max_s=0.2, stall_timeout_s=1)
+        frame_from(source)
+        stall(server)
+        assert wait_until(lambda: source.status() == "reconnecting", timeout=5) < 3
+        server.resume()
+        frame_from(source)
+        assert source.status() == "ok" and server.connections >= 2
     said = [r.getMessage() for r in caplog.records]
     assert [line for line in said if "reconnecting" in line] == [
         f"stream {server.url}: reconnecting (it stopped giving frames; retrying with backoff up to every 0.2 s)"]
     assert said[-1] == f"stream {server.url}: ok"
 
 
-def test_the_statuses_sources_report_are_the_ones_home_assistant_is_offered(mjpeg_server, tmp_path):
+def test_the_statuses_sources_report_are_the_ones_home_assistant_is_offered(mjpeg_server, tmp_path, live_source):
     # HA's enum sensor rejects a state missing from its options: every status must be among them.
     server = mjpeg_server([face_jpeg()], fps=20)
-    stream = LiveSource(server.url, retry_initial_s=0.05, retry_max_s=0.2, stall_timeout_s=1)
+    stream = live_source(server.url, retry_initial_s=0.05, retry_max_s=0.2, stall_timeout_s=1)
     seen = [stream.status()]
-    try:
-        frame_from(stream)
-        seen.append(stream.status())
-        server.stall()
-        wait_until(lambda: stream.status() != "ok", timeout=5)
-        seen.append(stream.status())
-    finally:
-        stream.close()
+    frame_from(stream)
+    seen.append(stream.status())
+    server.stall()
+    wait_until(lambda: stream.status() != "ok", timeout=5)
+    seen.append(stream.status())
     video = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=3)))
     seen.append(video.status())
     while video.read() is not None:
@@ -401,20 +394,17 @@ def test_closing_a_source_blocked_in_a_stalled_read_does_not_wait_for_the_read(m
     assert source.read(timeout=0.1) is None
 
 
-def test_a_stream_that_reboots_comes_back_with_one_line_each_way(mjpeg_server, caplog):
+def test_a_stream_that_reboots_comes_back_with_one_line_each_way(mjpeg_server, caplog, live_source):
     server = mjpeg_server([face_jpeg()], fps=20)
     with caplog.at_level(logging.INFO, logger="agent.capture"):
-        source = LiveSource(server.url, retry_initial_s=0.1, retry_max_s=0.4)
-        try:
-            first = frame_from(source)
-            server.down()  # connection reset, then refused
-            wait_until(lambda: source.status() == "reconnecting", timeout=5)
-            time.sleep(1.5)  # several refused reopens
-            server.up()
-            assert wait_until(lambda: source.status() == "ok", timeout=5) < 1.5  # the wait is at most retry_max_s
-            assert frame_from(source).index > first.index
-        finally:
-            source.close()
+        source = live_source(server.url, retry_initial_s=0.1, retry_max_s=0.4)
+        first = frame_from(source)
+        server.down()  # connection reset, then refused
+        wait_until(lambda: source.status() == "reconnecting", timeout=5)
+        time.sleep(1.5)  # several refused reopens
+        server.up()
+        assert wait_until(lambda: source.status() == "ok", timeout=5) < 1.5  # the wait is at most retry_max_s
+        assert frame_from(source).index > first.index
     said = [r.getMessage() for r in caplog.records]
     assert said == [f"stream {server.url}: ok",
                     f"stream {server.url}: reconnecting (it stopped giving frames; retrying with backoff up to every 0.4 s)",
@@ -426,23 +416,20 @@ def test_a_stream_that_reboots_comes_back_with_one_line_each_way(mjpeg_server, c
     pytest.param(lambda good: bytes(range(256)) * 20, id="not-a-jpeg"),  # was skipped, but not counted
     pytest.param(lambda good: b"", id="empty"),  # five in a row were taken for a lost stream, and not counted
 ])
-def test_damaged_parts_of_a_stream_are_skipped_quietly_and_counted(mjpeg_server, damage, caplog, capfd):
+def test_damaged_parts_of_a_stream_are_skipped_quietly_and_counted(mjpeg_server, damage, caplog, capfd, live_source):
     good = face_jpeg()
     server = mjpeg_server([good], fps=20)
-    source = LiveSource(server.url)
-    try:
-        frame_from(source)
-        for _ in range(6):  # more than the failed reads in a row that mean the stream is gone
-            server.send_next(damage(good))
-        sent = server.sent
-        wait_until(lambda: server.sent > sent + 9, timeout=5)
-        after = frame_from(source)
-        assert source.corrupt() == 6
-        whole = cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_COLOR)
-        assert np.array_equal(after.image, whole)
-        assert source.status() == "ok" and server.connections == 1  # the same connection goes on
-    finally:
-        source.close()
+    source = live_source(server.url)
+    frame_from(source)
+    for _ in range(6):  # more than the failed reads in a row that mean the stream is gone
+        server.send_next(damage(good))
+    sent = server.sent
+    wait_until(lambda: server.sent > sent + 9, timeout=5)
+    after = frame_from(source)
+    assert source.corrupt() == 6
+    whole = cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(after.image, whole)
+    assert source.status() == "ok" and server.connections == 1  # the same connection goes on
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     # Rejected before decoding: libjpeg, which writes to stderr (the journal) for a part it
     # decodes, never sees them.
@@ -450,23 +437,20 @@ def test_damaged_parts_of_a_stream_are_skipped_quietly_and_counted(mjpeg_server,
 
 
 @pytest.mark.parametrize("length", ["0", "-1", "none", "3000000000"])
-def test_a_part_whose_content_length_makes_no_sense_is_read_to_its_boundary(mjpeg_server, length, caplog):
+def test_a_part_whose_content_length_makes_no_sense_is_read_to_its_boundary(mjpeg_server, length, caplog, live_source):
     # FFmpeg, which splits the stream into parts, takes such a length for none given.
     server = mjpeg_server([face_jpeg()], fps=20)
-    source = LiveSource(server.url)
-    try:
-        frame_from(source)
-        server.send_next(face_jpeg(), length)
-        sent = server.sent
-        wait_until(lambda: server.sent > sent + 3, timeout=5)
-        frame_from(source)
-        assert source.corrupt() == 0 and server.connections == 1
-    finally:
-        source.close()
+    source = live_source(server.url)
+    frame_from(source)
+    server.send_next(face_jpeg(), length)
+    sent = server.sent
+    wait_until(lambda: server.sent > sent + 3, timeout=5)
+    frame_from(source)
+    assert source.corrupt() == 0 and server.connections == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_a_stream_whose_frame_size_changes_gives_frames_of_the_new_size(mjpeg_server):
+def test_a_stream_whose_frame_size_changes_gives_frames_of_the_new_size(mjpeg_server, live_source):
     # FFmpeg scaled every frame to the first one's size: a camera switched to a wider frame size
     # in its web page came out squashed, until the next reconnect.
     from tests.conftest import astronaut_bgr
@@ -475,15 +459,12 @@ def test_a_stream_whose_frame_size_changes_gives_frames_of_the_new_size(mjpeg_se
     photo = astronaut_bgr()
     wide = np.hstack([photo, photo[:, ::-1]])
     server = mjpeg_server([jpeg(photo)], fps=20)
-    source = LiveSource(server.url)
-    try:
-        assert frame_from(source).image.shape == (512, 512, 3)
-        server.frames = [jpeg(wide)]
-        sent = server.sent
-        wait_until(lambda: server.sent > sent + 3, timeout=5)
-        after = frame_from(source)
-    finally:
-        source.close()
+    source = live_source(server.url)
+    assert frame_from(source).image.shape == (512, 512, 3)
+    server.frames = [jpeg(wide)]
+    sent = server.sent
+    wait_until(lambda: server.sent > sent + 3, timeout=5)
+    after = frame_from(source)
     assert after.image.shape == (512, 1024, 3)
     assert np.abs(after.image.astype(int) - wide).mean() < 3  # the picture as sent, not scaled
     assert server.connections == 1
