@@ -15,6 +15,8 @@
   3.1.1 a broker acknowledges a message its ACL refuses as if it took it. A refused message is
   counted and said once per topic and reason, and is not sent again; nor is one the broker hangs
   up on each time it is sent (larger than it takes), which paho would re-send at every reconnect.
+- Said once, not at every reconnect: another client taking over the client id (MQTT 5's
+  DISCONNECT 142: two agents with one id take turns for as long as both run).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ _SOCKET_ERRORS = ("failed to receive on socket: ", "failed to send on socket: ")
 
 SHORT_SESSION_S = 5.0
 KEEPALIVE_TIMEOUT = 141  # the reason code paho gives when the broker says nothing for a keepalive
+SESSION_TAKEN_OVER = 142  # an MQTT 5 broker's DISCONNECT: another client connected with this client id
 UNSUPPORTED_PROTOCOL = 132  # paho's reason for a 3.1.1 broker's CONNACK to an MQTT 5 CONNECT
 NOT_AUTHORIZED = 135
 PACKET_TOO_LARGE = 149
@@ -271,6 +274,8 @@ class MqttPublisher:
         self.last_error: str | None = None
         self._connected_at = 0.0
         self._short_sessions = 0  # connections in a row that the broker dropped within seconds
+        self._taken_over = False  # the last connection ended as another client took over its client id
+        self._takeover_told = False  # said once a run
         self._socket_error: str | None = None  # what the socket said as paho lost it
         self._hanging_up = False  # close() is disconnecting on purpose
         self._ended = False  # the connection attempt now over was reported as such (paho's thread only)
@@ -377,7 +382,10 @@ class MqttPublisher:
         if self._hung_up_on_mqtt5:
             self._hung_up_on_mqtt5 = False
             self._say_mqtt311("closed an MQTT 5 connection before accepting it, and took MQTT 3.1.1")
-        logger.info("connected to broker %s:%d", self._s.host, self._s.port)
+        # After a takeover, said once: two agents with one client id connect every second or so for as
+        # long as both run.
+        logger.log(logging.DEBUG if self._taken_over else logging.INFO, "connected to broker %s:%d",
+                   self._s.host, self._s.port)
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
         self._send(online)
@@ -459,7 +467,10 @@ class MqttPublisher:
         refused, self._refused = self._refused, False
         if self._closing:
             return
-        if was_connected:
+        self._taken_over = was_connected and reason_code == SESSION_TAKEN_OVER
+        if self._taken_over:
+            self._report_takeover()
+        elif was_connected:
             # A broker drops a client when another connects with its id: two agents with one
             # client id take turns, each knocked off within a second, and nothing else says why.
             lasted = time.monotonic() - self._connected_at
@@ -475,6 +486,21 @@ class MqttPublisher:
                                "client using the client id %r? (set mqtt.client_id)", self._s.client_id)
         elif not refused and not self._try_the_other_protocol(reason_code):  # a refusal: said with its CONNACK
             self._report_hang_up(reason_code, why)
+
+    def _report_takeover(self) -> None:
+        """An MQTT 5 broker's word that another client connected with this client id: two agents with
+        one id knock each other off at every reconnect, forever. Said once, in one line, not at each
+        round; reconnecting goes on, as the other may be an agent being stopped. Under 3.1.1, and from
+        mosquitto 2.0 even under 5, the broker only closes the socket, as at any drop: there the guess
+        from short sessions in _handle_disconnect is all there is."""
+        self._short_sessions = 0  # explained: no guess at the cause
+        with self._lock:
+            self._suspects = []  # nor a message in flight to blame, and drop, for it
+        level = logging.DEBUG if self._takeover_told else logging.WARNING
+        self._takeover_told = True
+        logger.log(level, "the broker disconnected this agent because another client connected with the same client "
+                   "id %r: is a second agent running with the same mqtt.client_id or mqtt.topic_prefix? Reconnecting",
+                   self._s.client_id)
 
     def _drop_what_it_hangs_up_on(self, lasted: float) -> bool:
         """Drop the message the broker hangs up on each time it is sent (over mosquitto's

@@ -8,6 +8,7 @@ import logging
 import re
 import socket
 import threading
+from typing import Callable
 
 import paho.mqtt
 import pytest
@@ -148,15 +149,12 @@ def test_mqtt_protocol_is_what_the_broker_sees_with_a_clean_start_every_time(bro
     assert seen == [(level, "1"), (level, "1")]
 
 
-class Mqtt311OnlyBroker:
-    """A broker that speaks MQTT 3.1.1 and older only, as mosquitto 1.5 (Raspbian buster) does: it
-    answers an MQTT 5 CONNECT with return code 1, unacceptable protocol version, and hangs up. Any
-    other connection it hands, CONNECT and all, to the real mosquitto at `upstream_port`."""
+class FrontOfMosquitto:
+    """A small server in front of the real mosquitto at `upstream_port`, to play a broker that does
+    what Debian's mosquitto 2.0 does not: `_serve` gets each connection, `_relay` hands it on."""
 
-    def __init__(self, upstream_port: int, answers_mqtt5: bool = True):
+    def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
-        self.answers_mqtt5 = answers_mqtt5  # False: hang up without a word, as RabbitMQ 3.10 does
-        self.levels: list[int] = []  # the protocol level of each CONNECT, in order
         self._open: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -171,19 +169,16 @@ class Mqtt311OnlyBroker:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        connect = read_packet(conn)
-        level = connect[connect.index(b"MQTT") + 4]
-        self.levels.append(level)
-        if level == 5:
-            if self.answers_mqtt5:
-                conn.sendall(bytes.fromhex("20020001"))
-            conn.close()
-            return
+        raise NotImplementedError
+
+    def _relay(self, conn: socket.socket, connect: bytes, farewell: Callable[[], bytes] = bytes) -> None:
+        """Hand `conn`, whose CONNECT was read, to mosquitto until either end closes; `farewell()` goes
+        to the client once mosquitto has closed its side."""
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         upstream.sendall(connect)
         self._open += [conn, upstream]
-        for source, sink in ((conn, upstream), (upstream, conn)):
-            threading.Thread(target=pipe, args=(source, sink), daemon=True).start()
+        threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+        pipe(upstream, conn, farewell)
 
     def drop_connections(self) -> None:
         for sock in self._open:
@@ -196,6 +191,67 @@ class Mqtt311OnlyBroker:
     def close(self) -> None:
         self._listener.close()
         self.drop_connections()
+
+
+class Mqtt311OnlyBroker(FrontOfMosquitto):
+    """A broker that speaks MQTT 3.1.1 and older only, as mosquitto 1.5 (Raspbian buster) does: it
+    answers an MQTT 5 CONNECT with return code 1, unacceptable protocol version, and hangs up. Any
+    other connection it hands, CONNECT and all, to the real mosquitto at `upstream_port`."""
+
+    def __init__(self, upstream_port: int, answers_mqtt5: bool = True):
+        self.answers_mqtt5 = answers_mqtt5  # False: hang up without a word, as RabbitMQ 3.10 does
+        self.levels: list[int] = []  # the protocol level of each CONNECT, in order
+        super().__init__(upstream_port)
+
+    def _serve(self, conn: socket.socket) -> None:
+        connect = read_packet(conn)
+        level = connect[connect.index(b"MQTT") + 4]
+        self.levels.append(level)
+        if level == 5:
+            if self.answers_mqtt5:
+                conn.sendall(bytes.fromhex("20020001"))
+            conn.close()
+            return
+        self._relay(conn, connect)
+
+
+class SaysSessionTakenOver(FrontOfMosquitto):
+    """A broker that tells an MQTT 5 client why it drops it for another client with its client id:
+    DISCONNECT with reason code 142, Session taken over, then the socket closed, as ejabberd and
+    mosquitto's development branch do. The mosquitto 2.0 behind it only closes the socket."""
+
+    def __init__(self, upstream_port: int):
+        self._newest: dict[str, socket.socket] = {}  # client id: its latest connection
+        super().__init__(upstream_port)
+
+    def _serve(self, conn: socket.socket) -> None:
+        connect = read_packet(conn)
+        client_id = client_id_of(connect)
+        self._newest[client_id] = conn
+        mqtt5 = connect[connect.index(b"MQTT") + 4] == 5
+        self._relay(conn, connect, lambda: bytes.fromhex("e0018e") if mqtt5 and self._newest[client_id] is not conn
+                    else b"")
+
+
+def read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """MQTT's variable byte integer at `at`: its value, and where what follows it starts."""
+    value, shift = 0, 0
+    while True:
+        value |= (data[at] & 0x7F) << shift
+        shift += 7
+        at += 1
+        if data[at - 1] < 0x80:
+            return value, at
+
+
+def client_id_of(connect: bytes) -> str:
+    at = connect.index(b"MQTT") + 4
+    level, at = connect[at], at + 4  # the level, the flags and the keep alive
+    if level == 5:
+        properties, at = read_varint(connect, at)
+        at += properties
+    size = int.from_bytes(connect[at:at + 2], "big")
+    return connect[at + 2:at + 2 + size].decode()
 
 
 def read_exactly(conn: socket.socket, size: int) -> bytes:
@@ -221,10 +277,12 @@ def read_packet(conn: socket.socket) -> bytes:
             return header + read_exactly(conn, remaining)
 
 
-def pipe(source: socket.socket, sink: socket.socket) -> None:
+def pipe(source: socket.socket, sink: socket.socket, farewell: Callable[[], bytes] = bytes) -> None:
+    """Copy `source` to `sink` until `source` ends, then `farewell()`; then close both."""
     try:
         while data := source.recv(65536):
             sink.sendall(data)
+        sink.sendall(farewell())
     except OSError:
         pass
     for sock in (source, sink):
@@ -305,3 +363,30 @@ def test_a_paho_without_the_internals_it_relies_on_gets_plain_3_1_1_and_still_de
         f"paho-mqtt {paho.mqtt.__version__} is not one this agent knows (2.0 to 2.2): speaking MQTT 3.1.1, "
         "under which the broker does not say when it refuses a message"]
     assert pub.refused == 0  # 3.1.1: the ACL's refusal looks like delivery
+
+
+# --- two agents with one client id -----------------------------------------------------------------
+
+@pytest.fixture
+def says_taken_over(broker):
+    front = SaysSessionTakenOver(broker.port)
+    yield front
+    front.close()
+
+
+def test_a_session_taken_over_is_one_warning_that_names_the_client_id_not_lines_at_every_round(
+        says_taken_over, publishers, caplog):
+    # Two agents with one client id knock each other off at every reconnect. The broker said why, but
+    # the log had "lost the broker connection (Session taken over)" three times from each, then a
+    # guess at the cause, and "connected to broker" every second for as long as both ran.
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    same = settings(says_taken_over.port, client_id="emotion-agent-pi4", protocol="5", username=None, password=None)
+    first, second = publishers(same), publishers(same)
+    wait_until(lambda: first.connects + second.connects >= 6, 20)  # each taken over twice at least
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "agent.mqtt"]
+    told = ("WARNING", "the broker disconnected this agent because another client connected with the same client id "
+            "'emotion-agent-pi4': is a second agent running with the same mqtt.client_id or mqtt.topic_prefix? "
+            "Reconnecting")
+    assert said.count(told) == 2  # once from each
+    connected = ("INFO", f"connected to broker 127.0.0.1:{says_taken_over.port}")
+    assert [line for line in said if line != told] == [connected] * 2  # the first connection of each only
