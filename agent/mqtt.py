@@ -16,7 +16,8 @@
   counted and said once per topic and reason, and is not sent again; nor is one the broker hangs
   up on each time it is sent (larger than it takes), which paho would re-send at every reconnect.
 - Said once, not at every reconnect: another client taking over the client id (MQTT 5's
-  DISCONNECT 142: two agents with one id take turns for as long as both run).
+  DISCONNECT 142: two agents with one id take turns for as long as both run), and a subscription
+  the broker refuses.
 """
 
 from __future__ import annotations
@@ -276,6 +277,7 @@ class MqttPublisher:
         self._short_sessions = 0  # connections in a row that the broker dropped within seconds
         self._taken_over = False  # the last connection ended as another client took over its client id
         self._takeover_told = False  # said once a run
+        self._subscription_refusals_told: set[tuple[str, int]] = set()  # (topic, reason code) already said
         self._socket_error: str | None = None  # what the socket said as paho lost it
         self._hanging_up = False  # close() is disconnecting on purpose
         self._ended = False  # the connection attempt now over was reported as such (paho's thread only)
@@ -328,6 +330,7 @@ class MqttPublisher:
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         return client
 
     def start(self) -> None:
@@ -386,8 +389,8 @@ class MqttPublisher:
         # long as both run.
         logger.log(logging.DEBUG if self._taken_over else logging.INFO, "connected to broker %s:%d",
                    self._s.host, self._s.port)
-        for topic in self._subscriptions:
-            client.subscribe(topic, qos=1)
+        if self._subscriptions:  # one SUBSCRIBE: its SUBACK's reason codes are in this order
+            client.subscribe([(topic, 1) for topic in self._subscriptions])
         self._send(online)
         for message in retained + backlog:
             self._send(message)
@@ -594,6 +597,17 @@ class MqttPublisher:
         if latest is None or latest == message or not self._connected:
             return None  # no newer value, or it is re-sent at the next connect anyway
         return latest
+
+    def _handle_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
+        """A subscription the broker's ACL refuses fails in the SUBACK (0x80 under 3.1.1, 135 Not
+        authorized under 5), and nothing else would tell: Home Assistant's birth message never comes,
+        and discovery is not re-sent when it restarts. Said once per topic and reason, not at every
+        reconnect."""
+        for topic, reason_code in zip(self._subscriptions, reason_code_list):
+            if reason_code.is_failure and (topic, reason_code.value) not in self._subscription_refusals_told:
+                self._subscription_refusals_told.add((topic, reason_code.value))
+                logger.warning("the broker refused the subscription to %s: %s (check the broker's ACL: this user "
+                               "needs to read %s)", topic, reason_code, topic)
 
     def _handle_message(self, client, userdata, message) -> None:
         for pattern, callback in self._subscriptions.items():

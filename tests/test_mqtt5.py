@@ -25,6 +25,7 @@ READER = ("reader", "reader-pass-123")
 USERS = {USER: PASSWORD, READER[0]: READER[1]}
 ACL = f"user {USER}\ntopic readwrite test/agent/#\n\nuser {READER[0]}\ntopic read #\n"
 DENIED = "homeassistant/sensor/agent/dominant_emotion/config"
+BIRTH = "homeassistant/status"
 # mosquitto's line for each connection: the client id, the protocol (p2: 3.1.1, p5: 5), clean start.
 CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(p(\d), c(\d)")
 
@@ -126,6 +127,25 @@ def test_a_message_the_broker_hangs_up_on_twice_is_dropped_not_sent_forever(held
     dropped = [text for text in warnings_of(caplog) if not text.startswith("lost the broker connection")]
     assert dropped == ["dropped a message to test/agent/big: the broker closed the connection each time it was "
                        "sent (larger than it takes, or outside its ACL?)"]
+
+
+@pytest.mark.parametrize("protocol, reason", [("5", "Not authorized"), ("3.1.1", "Unspecified error")])
+def test_a_subscription_the_acl_refuses_is_one_warning_that_names_the_topic(
+        restricted_broker, publishers, caplog, protocol, reason):
+    # The SUBACK's refusal went unread: Home Assistant's birth message never came, so discovery was
+    # not re-sent when it restarted, and nothing said why.
+    broker = restricted_broker({USER: PASSWORD}, [("publishClientSend", "test/agent/#")])
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    pub = publishers(settings(broker.port, protocol=protocol), subscriptions={BIRTH: lambda topic, payload: None})
+    told = [f"the broker refused the subscription to {BIRTH}: {reason} (check the broker's ACL: this user needs "
+            f"to read {BIRTH})"]
+    wait_until(lambda: warnings_of(caplog) == told, 10)
+    broker.stop()
+    broker.start()
+    wait_until(lambda: pub.connects == 2, 15)
+    pub.publish(Message("test/agent/event/face_appeared", "after the SUBACK"))  # answered after it
+    assert pub.flush(10)
+    assert [text for text in warnings_of(caplog) if "subscription" in text] == told  # not again at the reconnect
 
 
 # --- the protocol ----------------------------------------------------------------------------------
