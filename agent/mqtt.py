@@ -385,10 +385,10 @@ class MqttPublisher:
         if self._hung_up_on_mqtt5:
             self._hung_up_on_mqtt5 = False
             self._say_mqtt311("closed an MQTT 5 connection before accepting it, and took MQTT 3.1.1")
-        # After a takeover, said once: two agents with one client id connect every second or so for as
-        # long as both run.
-        logger.log(logging.DEBUG if self._taken_over else logging.INFO, "connected to broker %s:%d",
-                   self._s.host, self._s.port)
+        # Once a takeover, or the guess at one, has been said, not at each round: two agents with one
+        # client id connect every second or so for as long as both run.
+        quiet = self._taken_over or self._short_sessions >= 3
+        logger.log(logging.DEBUG if quiet else logging.INFO, "connected to broker %s:%d", self._s.host, self._s.port)
         if self._subscriptions:  # one SUBSCRIBE: its SUBACK's reason codes are in this order
             client.subscribe([(topic, 1) for topic in self._subscriptions])
         self._send(online)
