@@ -191,14 +191,22 @@ class FrontOfMosquitto:
     def _serve(self, conn: socket.socket) -> None:
         raise NotImplementedError
 
-    def _relay(self, conn: socket.socket, connect: bytes, farewell: Callable[[], bytes] = bytes) -> None:
+    def _relay(self, conn: socket.socket, connect: bytes | socket.socket,
+               farewell: Callable[[], bytes] = bytes) -> None:
         """Hand `conn`, whose CONNECT was read, to mosquitto until either end closes; `farewell()` goes
-        to the client once mosquitto has closed its side."""
+        to the client once mosquitto has closed its side. `connect`: the CONNECT to send, or the
+        connection to mosquitto it went out on."""
+        upstream = connect if isinstance(connect, socket.socket) else self._upstream(connect)
+        self._open += [conn, upstream]
+        # The client's side is closed after its farewell, by the second pipe alone: the first, failing
+        # to write to a mosquitto that just dropped it, would close it before the farewell.
+        threading.Thread(target=pipe, args=(conn, upstream), kwargs={"closes": (upstream,)}, daemon=True).start()
+        pipe(upstream, conn, farewell)
+
+    def _upstream(self, connect: bytes) -> socket.socket:
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         upstream.sendall(connect)
-        self._open += [conn, upstream]
-        threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
-        pipe(upstream, conn, farewell)
+        return upstream
 
     def drop_connections(self) -> None:
         for sock in self._open:
@@ -242,14 +250,21 @@ class SaysSessionTakenOver(FrontOfMosquitto):
 
     def __init__(self, upstream_port: int):
         self._newest: dict[str, socket.socket] = {}  # client id: its latest connection
+        self._connecting = threading.Lock()
         super().__init__(upstream_port)
 
     def _serve(self, conn: socket.socket) -> None:
         connect = read_packet(conn)
         client_id = client_id_of(connect)
-        self._newest[client_id] = conn
         mqtt5 = connect[connect.index(b"MQTT") + 4] == 5
-        self._relay(conn, connect, lambda: bytes.fromhex("e0018e") if mqtt5 and self._newest[client_id] is not conn
+        # One CONNECT at a time, up to its CONNACK: then mosquitto has dropped the older connection
+        # before the next comes, and "newest" is in mosquitto's order. Two clients that connected at
+        # once could reach it in the other order, and the one it dropped got no farewell.
+        with self._connecting:
+            self._newest[client_id] = conn
+            upstream = self._upstream(connect)
+            conn.sendall(read_packet(upstream))
+        self._relay(conn, upstream, lambda: bytes.fromhex("e0018e") if mqtt5 and self._newest[client_id] is not conn
                     else b"")
 
 
@@ -297,15 +312,21 @@ def read_packet(conn: socket.socket) -> bytes:
             return header + read_exactly(conn, remaining)
 
 
-def pipe(source: socket.socket, sink: socket.socket, farewell: Callable[[], bytes] = bytes) -> None:
-    """Copy `source` to `sink` until `source` ends, then `farewell()`; then close both."""
+def pipe(source: socket.socket, sink: socket.socket, farewell: Callable[[], bytes] = bytes,
+         closes: tuple[socket.socket, ...] | None = None) -> None:
+    """Copy `source` to `sink` until `source` ends or fails, then `farewell()`; then close `closes`
+    (both by default). The farewell follows a reset too: mosquitto resets a connection it drops
+    with the client's next packet unread."""
     try:
         while data := source.recv(65536):
             sink.sendall(data)
+    except OSError:
+        pass
+    try:
         sink.sendall(farewell())
     except OSError:
         pass
-    for sock in (source, sink):
+    for sock in (source, sink) if closes is None else closes:
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
