@@ -29,9 +29,8 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
                 return struct.unpack(">II", head[16:24])
             if head.startswith((b"GIF87a", b"GIF89a")) and len(head) >= 10:
                 return struct.unpack("<HH", head[6:10])
-            if head.startswith(b"BM") and len(head) >= 26:
-                width, height = struct.unpack("<ii", head[18:26])
-                return abs(width), abs(height)  # a negative height is a top-down bitmap
+            if head.startswith(b"BM"):
+                return _bmp_size(head)
             if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
                 return _webp_size(head)
             if head.startswith(b"\xff\xd8"):
@@ -42,7 +41,23 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     return None
 
 
+def _bmp_size(head: bytes) -> tuple[int, int] | None:
+    """As OpenCV reads it: the size of the header after the file's own (14 bytes) says its kind. An
+    OS/2 bitmap's (12 bytes) holds two 16-bit words; Windows' (40 bytes and up), two 32-bit ints."""
+    if len(head) < 18:
+        return None
+    (header_size,) = struct.unpack("<I", head[14:18])
+    if header_size == 12 and len(head) >= 22:
+        return struct.unpack("<HH", head[18:22])
+    if header_size >= 36 and len(head) >= 26:
+        width, height = struct.unpack("<ii", head[18:26])
+        return abs(width), abs(height)  # a negative height is a top-down bitmap
+    return None
+
+
 def _webp_size(head: bytes) -> tuple[int, int] | None:
+    if len(head) < 30:  # every kind's size ends by then: a file cut short before it has none
+        return None
     chunk = head[12:16]
     if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
         width, height = struct.unpack("<HH", head[26:30])

@@ -55,3 +55,28 @@ def test_a_tiff_is_left_to_opencv(tmp_path):
     path = tmp_path / "picture.tif"
     assert cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
     assert image_size(path) is None
+
+
+def test_an_os2_bitmap_gives_its_16_bit_size(tmp_path):
+    # Its header (BITMAPCOREHEADER, 12 bytes) holds the size in two 16-bit words, where the
+    # Windows one holds two 32-bit ints: read as those, a 100x60 bitmap was refused as 6 million
+    # million pixels, though OpenCV decodes it.
+    width, height = 100, 60
+    pixels = bytes((width * 3 + 3) // 4 * 4 * height)
+    path = tmp_path / "os2.bmp"
+    path.write_bytes(struct.pack("<2sIHHI", b"BM", 26 + len(pixels), 0, 0, 26)
+                     + struct.pack("<IHHHH", 12, width, height, 1, 24) + pixels)
+    assert cv2.imread(str(path)).shape[:2] == (height, width)
+    assert image_size(path) == (width, height)
+
+
+@pytest.mark.parametrize("content", [
+    b"RIFF\0\0\0\0WEBPVP8L", b"RIFF\0\0\0\0WEBPVP8L\0\0\0\0", b"RIFF\0\0\0\0WEBPVP8X",
+    b"BM" + bytes(30), b"BM\0\0\0\0\0\0\0\0\0\0\0\0\x0c\0\0\0\x01",
+], ids=["webp-lossless-cut-at-its-chunk", "webp-lossless-cut-before-its-signature", "webp-extended-cut",
+        "bmp-header-size-0", "bmp-core-cut"])
+def test_a_header_cut_where_its_size_would_be_gives_no_size_and_no_error(tmp_path, content):
+    # An IndexError from a lossless WebP cut short ended `run` with an internal error, not one line.
+    path = tmp_path / "picture"
+    path.write_bytes(content)
+    assert image_size(path) is None
