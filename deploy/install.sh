@@ -98,8 +98,10 @@ upgrade=0
 install -m 0644 "$source_dir/deploy/emotion-agent.service" "$unit_dir/emotion-agent.service"
 # One more camera per instance: emotion-agent@kitchen runs with /etc/emotion-agent/kitchen.yaml.
 # The template is the unit above with its description and config file changed, made from it so
-# the two cannot drift apart; the unit's header comment, above [Unit], gives way to its own.
-sed -e '1,/^\[Unit\]$/{/^#/d}' \
+# the two cannot drift apart; the unit's header comment, above [Unit], gives way to its own. (Not
+# '1,/^\[Unit\]$/': that looks for [Unit] from line 2 on, and on a unit with no header comment it
+# would take in the whole file and drop every comment.)
+sed -e '/^\[Unit\]$/,$!{/^#/d;}' \
     -e 's|^Description=emotion-agent: |Description=emotion-agent %i: |' \
     -e 's|--config /etc/emotion-agent/config.yaml$|--config /etc/emotion-agent/%i.yaml|' \
     "$source_dir/deploy/emotion-agent.service" \

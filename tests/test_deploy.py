@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import functools
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -128,6 +129,30 @@ def test_the_instance_template_is_the_unit_with_its_own_name_and_config(scratch_
                             for line in unit]
     assert sum(a != b for a, b in zip(template[3:], unit)) == 2  # both lines were found and changed
     assert all(line.startswith("# ") for line in template[:3]) and "emotion-agent@NAME" in template[0]
+
+
+
+def template_sed_args() -> list[str]:
+    """The arguments of install.sh's sed that makes the instance template from the unit."""
+    script = (ROOT / "deploy" / "install.sh").read_text()
+    start = script.index("\nsed -e ") + 1
+    end = script.index('"$source_dir/deploy/emotion-agent.service"', start)
+    return shlex.split(script[start:end].replace("\\\n", " "))[1:]
+
+
+@pytest.mark.parametrize("header", [0, 1, 3])
+def test_the_template_keeps_every_comment_below_the_units_header_however_long_it_is(tmp_path, header):
+    # '1,/^\[Unit\]$/' starts looking for [Unit] on line 2: on a unit without a header comment the
+    # range ran to its end, and the template lost every comment in it.
+    body = UNIT.read_text().splitlines(keepends=True)
+    body = body[body.index("[Unit]\n"):]
+    unit = tmp_path / "emotion-agent.service"
+    unit.write_text("".join(f"# header line {n}\n" for n in range(header)) + "".join(body))
+    done = subprocess.run(["sed", *template_sed_args(), str(unit)], capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+    made = done.stdout.splitlines(keepends=True)
+    assert len(made) == len(body) and [line for line in made if line.startswith("#")] == \
+        [line for line in body if line.startswith("#")]
 
 
 def test_unit_is_hardened_and_watchdogged():
