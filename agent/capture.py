@@ -116,9 +116,14 @@ def open_stream(url: str, timeout_s: float) -> cv2.VideoCapture:
 
 def camera_device(target: int | str) -> str | None:
     """The device file a camera source opens, where it is known: a /dev path as given, or on
-    Linux an index, which OpenCV's V4L2 backend opens as /dev/video<index>."""
+    Linux an index, which OpenCV's V4L2 backend opens as /dev/video<index>. OpenCV takes an
+    index's hundreds for the backend to use: 203 is /dev/video3 through V4L2 (CAP_V4L2 + 3), and
+    103 or 1903 no device file."""
     if isinstance(target, int):
-        return f"/dev/video{target}" if sys.platform.startswith("linux") else None
+        if not sys.platform.startswith("linux"):
+            return None
+        backend, index = divmod(target, 100)
+        return f"/dev/video{index}" if backend * 100 in (0, cv2.CAP_V4L2) else None
     return target
 
 

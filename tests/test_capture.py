@@ -1,11 +1,12 @@
 import logging
+import sys
 import time
 
 import cv2
 import numpy as np
 import pytest
 
-from agent.capture import ImageSource, LiveSource, VideoFileSource, classify_source, make_source
+from agent.capture import ImageSource, LiveSource, VideoFileSource, camera_device, classify_source, make_source
 from agent.errors import SourceError
 from agent.types import CAMERA_STATUSES
 from tests.conftest import face_jpeg, wait_until
@@ -167,6 +168,18 @@ def test_a_missing_camera_device_is_waited_for_like_an_unplugged_camera(caplog, 
         source.close()
     assert "camera device /dev/video99 is not present (yet)" in caplog.text
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="V4L2's device names")
+@pytest.mark.parametrize("target, device", [
+    (0, "/dev/video0"), (99, "/dev/video99"),
+    # OpenCV takes an index's hundreds for the backend to use (VideoCapture(CAP_V4L2 + 3)): 203 opens
+    # /dev/video3 and 103 none at all. "/dev/video203 is not present" was said with /dev/video3 there.
+    (203, "/dev/video3"), (103, None), (1903, None),
+    ("/dev/video5", "/dev/video5"),
+])
+def test_the_camera_device_is_the_one_opencv_opens(target, device):
+    assert camera_device(target) == device
 
 @pytest.mark.parametrize("name", ["photo", "photo.mp4", "photo.gif"])
 def test_a_photo_is_an_image_whatever_its_name(tmp_path, smiling_photo, name):
