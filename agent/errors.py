@@ -36,7 +36,9 @@ class SourceError(AgentError):
 
 
 class BrokerError(AgentError):
-    """The MQTT broker cannot be used (bad address, refused credentials, TLS)."""
+    """The MQTT broker cannot be used (an address the client refuses). A TLS file that does not
+    load is a ConfigError instead (mqtt.check_tls_files): systemd restarts the unit on this one,
+    and no restart mends a file."""
 
     exit_code = 5
 

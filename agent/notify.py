@@ -4,7 +4,9 @@ Contract with the daemon (deploy/emotion-agent.service is Type=notify with Watch
 - `ready()` once the first frame has been processed: until then systemd counts the start as
   still going (TimeoutStartSec), so "started" means "really producing results".
 - `watchdog()` only after a frame really was processed, never from a timer or another thread:
-  a hung camera or a stuck interpreter stops the pings and systemd restarts the service.
+  a hung camera or a stuck interpreter stops the pings and systemd restarts the service. The one
+  exception is the loop's own `camera.max_fps` rest after a frame, which pings as it waits: a
+  rest longer than WatchdogSec is the agent's choice, not a hang.
 - `stopping()` only when the process is about to exit: systemd takes STOPPING=1 as the start of
   the shutdown and kills the process TimeoutStopSec later if it is still there.
 - On a reload (SIGHUP): `reloading()` first, then `ready()` again once the new configuration has
