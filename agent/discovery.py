@@ -59,7 +59,7 @@ class DiscoverySettings:
     node_id: str            # topic-safe, unique per agent (derived from the client id)
     device_name: str
     topics: Topics
-    state_expire_after_s: int   # the state is re-sent at least this often (with each summary)
+    state_expire_after_s: int   # outlasts three periods of the state's re-sending (with each summary)
     stats_expire_after_s: int
     support_url: str | None = None  # shown by HA in its log next to the origin, if given
 

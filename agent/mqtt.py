@@ -145,6 +145,7 @@ _SOCKET_ERRORS = ("failed to receive on socket: ", "failed to send on socket: ")
 SHORT_SESSION_S = 5.0
 KEEPALIVE_TIMEOUT = 141  # the reason code paho gives when the broker says nothing for a keepalive
 SESSION_TAKEN_OVER = 142  # an MQTT 5 broker's DISCONNECT: another client connected with this client id
+TAKEOVER_RETOLD_S = 3600.0
 UNSUPPORTED_PROTOCOL = 132  # paho's reason for a 3.1.1 broker's CONNACK to an MQTT 5 CONNECT
 NOT_AUTHORIZED = 135
 PACKET_TOO_LARGE = 149
@@ -276,7 +277,7 @@ class MqttPublisher:
         self._connected_at = 0.0
         self._short_sessions = 0  # connections in a row that the broker dropped within seconds
         self._taken_over = False  # the last connection ended as another client took over its client id
-        self._takeover_told = False  # said once a run
+        self._takeover_told_at: float | None = None  # when the takeover warning was last given
         self._subscription_refusals_told: set[tuple[str, int]] = set()  # (topic, reason code) already said
         self._socket_error: str | None = None  # what the socket said as paho lost it
         self._hanging_up = False  # close() is disconnecting on purpose
@@ -322,7 +323,7 @@ class MqttPublisher:
                 client.tls_set(ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
                                cert_reqs=ssl.CERT_REQUIRED)
             except (ssl.SSLError, OSError, ValueError) as exc:
-                raise BrokerError(f"mqtt.tls: cannot load certificates: {exc}") from None
+                raise ConfigError(f"mqtt.tls: cannot load certificates: {exc}") from None  # as check_tls_files
             client.tls_insecure_set(s.tls_insecure)
         client.on_connect = self._handle_connect
         client.on_connect_fail = self._handle_connect_fail
@@ -499,8 +500,13 @@ class MqttPublisher:
         self._short_sessions = 0  # explained: no guess at the cause
         with self._lock:
             self._suspects = []  # nor a message in flight to blame, and drop, for it
-        level = logging.DEBUG if self._takeover_told else logging.WARNING
-        self._takeover_told = True
+        # Once an hour at most: as long as both agents run, a reminder in the journal, and one that
+        # starts days later is still told.
+        now = time.monotonic()
+        told = self._takeover_told_at is not None and now - self._takeover_told_at < TAKEOVER_RETOLD_S
+        level = logging.DEBUG if told else logging.WARNING
+        if not told:
+            self._takeover_told_at = now
         logger.log(level, "the broker disconnected this agent because another client connected with the same client "
                    "id %r: is a second agent running with the same mqtt.client_id or mqtt.topic_prefix? Reconnecting",
                    self._s.client_id)

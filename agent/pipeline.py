@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 STILL_IMAGE_STEP_S = 0.1
 # A camera.max_fps rest wakes this often to ping the watchdog (which sends at most two a WatchdogSec).
 PACE_SLICE_S = 1.0
+# The least time between two stats that a camera status change sends.
+STATUS_STATS_MIN_S = 1.0
 
 
 def make_detector_from(cfg: Config) -> FaceDetector:
@@ -133,6 +135,7 @@ class Agent:
     _last_detect: float | None = None
     _next_idle_stats: float = 0.0
     _stats_camera: str | None = None  # the camera status the last stats said
+    _stats_at: float = -math.inf  # when the last stats went out (monotonic)
     _detected: list = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic)
 
@@ -170,6 +173,7 @@ class Agent:
     def _publish_stats(self) -> None:
         payload = self.stats_payload()
         self._stats_camera = payload["camera"]
+        self._stats_at = time.monotonic()
         self._next_idle_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         self._publish(self.topics.stats, payload, retain=True)
 
@@ -177,7 +181,10 @@ class Agent:
         """Whether a live camera's status moved on from what the last stats said: its change goes
         out at once, so an automation on `reconnecting` (or back to `ok`) need not wait a stats
         interval. (A file's one change, to `ended`, goes out with the stats at its end.)"""
-        return self.source.live and self.source.status() != self._stats_camera
+        # At most one a second: a camera that fails at each reopen, right after its first frame,
+        # flips its status as fast as camera.retry_initial_s (0.05 s at least) lets it.
+        return (self.source.live and time.monotonic() - self._stats_at >= STATUS_STATS_MIN_S
+                and self.source.status() != self._stats_camera)
 
     def stats_payload(self) -> dict:
         pub = self.publisher

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -83,6 +84,8 @@ def main() -> int:
     args = parser.parse_args()
     if not Path(args.video).is_file():
         parser.error(f"no such video: {args.video}")
+    if not (math.isfinite(args.minutes) and math.isfinite(args.interval)):
+        parser.error("--minutes and --interval must be numbers")
     if args.interval <= 0 or args.minutes * 60 < args.interval:
         parser.error("--interval must be above 0 and at most --minutes")
     # The frame count comes with stats, every stats_interval_s: the last third must hold one.

@@ -431,3 +431,15 @@ def test_a_session_taken_over_is_one_warning_that_names_the_client_id_not_lines_
     assert said.count(told) == 2  # once from each
     connected = ("INFO", f"connected to broker 127.0.0.1:{says_taken_over.port}")
     assert [line for line in said if line != told] == [connected] * 2  # the first connection of each only
+
+
+def test_a_session_taken_over_is_told_again_after_a_while(says_taken_over, publishers, caplog, monkeypatch):
+    # Said once a run, a second agent with the same id started days later went unsaid.
+    import agent.mqtt
+
+    monkeypatch.setattr(agent.mqtt, "TAKEOVER_RETOLD_S", 1.5)
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+    same = settings(says_taken_over.port, client_id="emotion-agent-pi4", protocol="5", username=None, password=None)
+    publishers(same), publishers(same)
+    told = lambda: [r for r in caplog.records if r.levelno == logging.WARNING and "same client id" in r.getMessage()]
+    wait_until(lambda: len(told()) >= 4, 20)  # twice from each, in rounds a second or so apart

@@ -136,14 +136,37 @@ def test_the_camera_status_goes_out_when_it_changes_not_a_stats_interval_later()
     # mqtt.stats_interval_s (30 s) for the stats that carry it.
     cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent"})
     publisher = MemoryPublisher()
-    camera = CameraWithOutage(astronaut_bgr(), publisher, before_s=1.0, outage_s=1.5)
+    camera = CameraWithOutage(astronaut_bgr(), publisher, before_s=2.0, outage_s=1.5)
     agent = build_agent(cfg, source=camera, publisher=publisher)
     before_stop = []
-    threading.Timer(3.5, lambda: (before_stop.append(len(publisher.messages)), agent.stop())).start()
+    threading.Timer(5.0, lambda: (before_stop.append(len(publisher.messages)), agent.stop())).start()
     agent.run()
     said = [json.loads(m.payload)["camera"] for m in publisher.messages[:before_stop[0]] if m.topic == "t/agent/stats"]
     # Start-up, the first frame, the outage, the camera back: each once, long before 30 s.
     assert said == ["starting", "ok", "reconnecting", "ok"]
+
+
+class FlappingCamera(CameraWithOutage):
+    """A camera whose status changes at every read: one that fails at each reopen right after its
+    first frame, with a short camera.retry_initial_s."""
+
+    def read(self):
+        time.sleep(0.02)
+        self.index += 1
+        self._status = "reconnecting" if self.index % 2 else "ok"
+        return Frame(self.image, time.monotonic(), self.index)
+
+
+def test_a_flapping_camera_status_sends_at_most_a_stats_a_second():
+    cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent"})
+    publisher = MemoryPublisher()
+    agent = build_agent(cfg, source=FlappingCamera(astronaut_bgr(), publisher), publisher=publisher)
+    started = time.monotonic()
+    threading.Timer(3.0, agent.stop).start()
+    agent.run()
+    stats = [m for m in publisher.messages if m.topic == "t/agent/stats"]
+    # Start-up, then one a second at most, and the last one at the end.
+    assert 3 <= len(stats) <= 2 + (time.monotonic() - started) + 1, len(stats)
 
 
 class OneFrameThenGone(CameraWithOutage):
