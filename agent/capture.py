@@ -23,7 +23,7 @@ import numpy as np
 
 from agent.config import is_stream_url, redact_url
 from agent.errors import SourceError
-from agent.image_size import image_size
+from agent.image_size import MAX_IMAGE_PIXELS, image_size
 from agent.types import Frame
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,6 @@ def camera_device_missing(kind: str, target: int | str) -> bool:
     return device is not None and not Path(device).exists()
 
 
-# Decoded, a picture takes the agent about 6 bytes a pixel at its peak: 2.4 GB for a 20000x20000
-# PNG of 1.2 MB, 660 MB for a 10000x10000 JPEG. Past 100 million pixels it is refused, unread.
-MAX_IMAGE_PIXELS = 100_000_000
-
-
 def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """The image in file `path`, or None where there is none to decode: not a file (a named pipe
     would have OpenCV wait for a writer, forever), or not an image OpenCV reads. SourceError for
@@ -155,8 +150,11 @@ def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | 
     except cv2.error as exc:
         if flags == cv2.IMREAD_REDUCED_GRAYSCALE_8:  # refused below 8 pixels a side: read it whole
             return read_image(path, cv2.IMREAD_GRAYSCALE)
-        # Over OpenCV's 2^30-pixel limit, say: one line, as for any file it cannot read.
+        # Over OpenCV's pixel limit (MAX_IMAGE_PIXELS, set in agent/__init__.py), say: one line, as
+        # for any file it cannot read.
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "refused"
+        if "CV_IO_MAX_IMAGE_PIXELS" in reason:
+            reason = f"its header claims more than the {MAX_IMAGE_PIXELS // 1_000_000} million pixels the agent decodes"
         raise SourceError(f"cannot read image {path}: OpenCV refused it ({reason[-120:]})") from None
 
 

@@ -332,6 +332,28 @@ def test_a_picture_too_large_to_decode_is_refused_unread(tmp_path, command):
                                            f"(faces need far fewer pixels)")
 
 
+def tiff_header_claiming(width: int, height: int) -> bytes:
+    """A TIFF file of one strip whose header claims `width` x `height` 8-bit gray pixels, with no data."""
+    import struct
+
+    tags = [(256, width), (257, height), (258, 8), (259, 1), (262, 1), (273, 8), (277, 1), (278, height),
+            (279, width * height)]
+    entries = b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags)  # LONG values
+    return b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0)
+
+
+def test_a_tiff_too_large_to_decode_is_refused_by_opencvs_limit_set_to_the_agents(tmp_path):
+    # Only some formats' headers are read before decoding: for the rest OpenCV's own limit, 2^30
+    # pixels, held, and libtiff tried to read 400 MB (of a 114-byte file) and said so in six lines.
+    image = tmp_path / "bomb.tif"
+    image.write_bytes(tiff_header_claiming(20000, 20000))
+    result = agent("run", "--source", str(image), "--mqtt-port", "9")
+    assert result.returncode == 4
+    assert one_line_error(result).endswith(f"cannot read image {image}: OpenCV refused it (its header claims more "
+                                           f"than the 100 million pixels the agent decodes)")
+    assert result.stderr.decode().count("\n") == 1
+
+
 @pytest.mark.parametrize("make_bad, said", [
     # OpenCV opened it and waited for a writer: eval hung, silently, for ever.
     pytest.param(lambda path: os.mkfifo(path), None, id="named-pipe"),
