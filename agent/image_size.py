@@ -1,10 +1,10 @@
 """The size of a picture from its file's header, before anything decodes it.
 
 A picture's file says little about what it decodes to: a 1.2 MB PNG of 20000x20000 black pixels
-took the agent 2.4 GB, which no Pi has. Reading the header first lets `capture.read_image` refuse
+took the agent 2.3 GiB, which no Pi has. Reading the header first lets `capture.read_image` refuse
 such a file with one line instead of being killed for memory. PNG, JPEG, GIF, BMP and WebP are
-read here, the formats a photo or a screenshot comes in; for others OpenCV's own limit (2^30
-pixels) still holds.
+read here, the formats a photo or a screenshot comes in; others meet OpenCV's own limit, which
+agent/__init__.py sets to the same MAX_IMAGE_PIXELS, in vaguer words.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import BinaryIO
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM and the restart markers stand alone
 
-# Decoded, a picture takes the agent about 6 bytes a pixel at its peak: 2.4 GB for a 20000x20000
-# PNG of 1.2 MB, 660 MB for a 10000x10000 JPEG. Past 100 million pixels it is refused, unread.
+# Decoded, a picture takes the agent about 6 bytes a pixel at its peak: 2.3 GiB for a 20000x20000
+# PNG of 1.2 MB, 640 MiB for a 10000x10000 JPEG. Past 100 million pixels it is refused, unread.
 MAX_IMAGE_PIXELS = 100_000_000
 
 
