@@ -352,3 +352,14 @@ def smiling_photo(tmp_path) -> Path:
     path = tmp_path / "astronaut.jpg"
     cv2.imwrite(str(path), astronaut_bgr())
     return path
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    """A systemd notification socket to hand an agent: (its path for NOTIFY_SOCKET, the socket)."""
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(2)
+    yield str(path), sock
+    sock.close()

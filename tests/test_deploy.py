@@ -131,7 +131,6 @@ def test_the_instance_template_is_the_unit_with_its_own_name_and_config(scratch_
     assert all(line.startswith("# ") for line in template[:3]) and "emotion-agent@NAME" in template[0]
 
 
-
 def template_sed_args() -> list[str]:
     """The arguments of install.sh's sed that makes the instance template from the unit."""
     script = (ROOT / "deploy" / "install.sh").read_text()

@@ -7,16 +7,6 @@ import pytest
 from agent.notify import SystemdNotifier, watchdog_interval
 
 
-@pytest.fixture
-def notify_socket(tmp_path):
-    path = tmp_path / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(2)
-    yield str(path), sock
-    sock.close()
-
-
 def test_ready_status_and_watchdog_reach_the_socket(notify_socket):
     path, sock = notify_socket
     notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())})

@@ -259,33 +259,27 @@ class InstantCamera(CameraWithOutage):
         return Frame(self.image, time.monotonic(), self.index)
 
 
-def test_the_watchdog_is_pinged_through_a_camera_max_fps_rest(tmp_path):
+def test_the_watchdog_is_pinged_through_a_camera_max_fps_rest(notify_socket):
     # The rest between frames is the agent's choice: with camera.max_fps below one frame per
     # WatchdogSec, systemd killed the service at every rest for want of a ping.
     import os
-    import socket
 
     from agent.notify import SystemdNotifier
 
-    path = str(tmp_path / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
+    path, sock = notify_socket
     cfg = load_config(None, {"source": "0", "mqtt.topic_prefix": "t/agent", "camera.max_fps": 0.2})
     agent = build_agent(cfg, source=InstantCamera(astronaut_bgr()), publisher=MemoryPublisher())
     agent.notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000",
                                       "WATCHDOG_PID": str(os.getpid())})
     threading.Timer(3.5, agent.stop).start()  # one frame at 0 s, then resting until 5 s
-    try:
-        agent.run()
-        sock.setblocking(False)
-        pings = []
-        while True:
-            try:
-                pings.append(sock.recv(1024))
-            except BlockingIOError:
-                break
-    finally:
-        sock.close()
+    agent.run()
+    sock.setblocking(False)
+    pings = []
+    while True:
+        try:
+            pings.append(sock.recv(1024))
+        except BlockingIOError:
+            break
     # At most two a second (the notifier's own limit): one after the frame, then through the rest.
     assert pings.count(b"WATCHDOG=1") >= 4, pings
 
