@@ -133,7 +133,6 @@ class Agent:
     _stop: threading.Event = field(default_factory=SignalSafeEvent)  # set from signal handlers
     _watch: Stopwatch = field(default_factory=Stopwatch)
     _last_detect: float | None = None
-    _next_idle_stats: float = 0.0
     _stats_camera: str | None = None  # the camera status the last stats said
     _stats_at: float = -math.inf  # when the last stats went out (monotonic)
     _detected: list = field(default_factory=list)
@@ -174,7 +173,6 @@ class Agent:
         payload = self.stats_payload()
         self._stats_camera = payload["camera"]
         self._stats_at = time.monotonic()
-        self._next_idle_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         self._publish(self.topics.stats, payload, retain=True)
 
     def _camera_status_changed(self) -> bool:
@@ -330,7 +328,7 @@ class Agent:
                     faces = self.tracker.faces()
                     self._publish_state(faces)
                     last_state_key = payloads.state_key(faces)
-                if time.monotonic() >= self._next_idle_stats or self._camera_status_changed():
+                if time.monotonic() - self._stats_at >= m.stats_interval_s or self._camera_status_changed():
                     self._publish_stats()
                 continue
             self.times.add("decode", watch.lap())
