@@ -27,7 +27,7 @@ from agent.config import load_config
 from agent.errors import AgentError
 from agent.machine import describe, format_machine
 from agent.notify import SystemdNotifier
-from agent.progress import Progress
+from agent.progress import Progress, frames_total
 from agent.stats import STAGES, StageTimes
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def bench_agent(video: str, config_path: str | None, max_frames: int | None) -> 
     agent = build_agent(cfg, source=source, publisher=MemoryPublisher())
     agent.notifier = SystemdNotifier({})  # silent: a bench run under systemd must not report READY
     agent.times = StageTimes(window=10 ** 7)
-    total = min(source.frame_count or 0, max_frames or 10 ** 9) or None
+    total = frames_total(source.frame_count, max_frames)
     progress = Progress("agent", total)
 
     def on_frame() -> None:
@@ -167,7 +167,7 @@ def bench_classic(video: str, max_frames: int | None) -> PipelineFigures:
     source.close()
     source = VideoFileSource(video)  # as bench_decode reads: past a damaged frame
     samples: dict[str, list[float]] = {"decode": [], "detect": [], "classify": []}
-    total = min(source.frame_count or 0, max_frames or 10 ** 9) or None
+    total = frames_total(source.frame_count, max_frames)
     progress = Progress("classic", total)
     frames = 0
     cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -43,7 +43,7 @@ import numpy as np
 from agent.errors import ConfigError, flushed, interrupted, report_error
 from agent.events import EmotionChanged, Event, TrackedFace
 from agent.faces import FaceStateTracker
-from agent.progress import Progress
+from agent.progress import Progress, frames_total
 from agent.types import EMOTION_LABELS, UNCERTAIN, Box, Detection, EmotionScores, FaceObservation
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def observe_video(path: str, detector, classifier, *, detect_interval_s: float =
     rng = None if noise_seed is None else np.random.default_rng(noise_seed)
     observed: Observed = []
     detections, last_detect = [], -math.inf
-    total = min(source.frame_count or 0, max_frames or 10 ** 9) or None
+    total = frames_total(source.frame_count, max_frames)
     progress = Progress(Path(path).name, total)
     try:
         while max_frames is None or len(observed) < max_frames:

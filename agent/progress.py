@@ -11,6 +11,12 @@ import time
 logger = logging.getLogger(__name__)
 
 
+def frames_total(frame_count: int | None, max_frames: int | None) -> int | None:
+    """The frames a run over a video reads, for the bar: as many as the video holds, at most
+    `max_frames` (None or 0: no limit); None where the video does not say how many it holds."""
+    return min(frame_count or 0, max_frames or 10 ** 9) or None
+
+
 class Progress:
     def __init__(self, label: str, total: int | None, *, stream=None, log_every_s: float = 10.0):
         self.label = label
