@@ -268,7 +268,7 @@ class MqttPublisher:
         self._replayed: set[int] = set()  # retained values in flight at the last disconnect
         self.dropped = 0
         self.refused = 0  # messages the broker would not take (MQTT 5 says so), or hung up on
-        self._refusals_told: set[tuple[str, int | None]] = set()  # (topic, reason code) already said
+        self._told: set[tuple[str, str, int | None]] = set()  # refusals said: (what, topic, reason code)
         self._max_packet: int | None = None  # the broker's Maximum Packet Size, from its MQTT 5 CONNACK
         self._suspects: list[Message] = []  # in flight at the last disconnect (the availability aside)
         self._dropped_mids: list[int] = []  # for paho to forget at the next connect (its thread only)
@@ -278,7 +278,6 @@ class MqttPublisher:
         self._short_sessions = 0  # connections in a row that the broker dropped within seconds
         self._taken_over = False  # the last connection ended as another client took over its client id
         self._takeover_told_at: float | None = None  # when the takeover warning was last given
-        self._subscription_refusals_told: set[tuple[str, int]] = set()  # (topic, reason code) already said
         self._socket_error: str | None = None  # what the socket said as paho lost it
         self._hanging_up = False  # close() is disconnecting on purpose
         self._ended = False  # the connection attempt now over was reported as such (paho's thread only)
@@ -583,8 +582,12 @@ class MqttPublisher:
         """Count a message the broker did not take; say so once per topic and reason, not at every
         message for months (an ACL refuses a topic for as long as it is published). Lock held."""
         self.refused += 1
-        if (topic, code) not in self._refusals_told:
-            self._refusals_told.add((topic, code))
+        self._warn_once(("publish", topic, code), fmt, *args)
+
+    def _warn_once(self, key: tuple[str, str, int | None], fmt: str, *args) -> None:
+        """A warning the first time `key` (what was refused, its topic, the reason code) is met. Lock held."""
+        if key not in self._told:
+            self._told.add(key)
             logger.warning(fmt, *args)
 
     def _note_broker_refusal(self, topic: str, reason_code: ReasonCode) -> None:
@@ -609,11 +612,12 @@ class MqttPublisher:
         authorized under 5), and nothing else would tell: Home Assistant's birth message never comes,
         and discovery is not re-sent when it restarts. Said once per topic and reason, not at every
         reconnect."""
-        for topic, reason_code in zip(self._subscriptions, reason_code_list):
-            if reason_code.is_failure and (topic, reason_code.value) not in self._subscription_refusals_told:
-                self._subscription_refusals_told.add((topic, reason_code.value))
-                logger.warning("the broker refused the subscription to %s: %s (check the broker's ACL: this user "
-                               "needs to read %s)", topic, reason_code, topic)
+        with self._lock:
+            for topic, reason_code in zip(self._subscriptions, reason_code_list):
+                if reason_code.is_failure:
+                    self._warn_once(("subscribe", topic, reason_code.value), "the broker refused the subscription to "
+                                    "%s: %s (check the broker's ACL: this user needs to read %s)", topic, reason_code,
+                                    topic)
 
     def _handle_message(self, client, userdata, message) -> None:
         for pattern, callback in self._subscriptions.items():
