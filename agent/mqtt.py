@@ -426,7 +426,7 @@ class MqttPublisher:
         "auto", a hang-up on MQTT 5 is tried again in 3.1.1, quietly (said once 3.1.1 connects); one
         on 3.1.1 too is not the protocol's doing (a TLS port, say): it is reported as any hang-up, and
         the next try is MQTT 5 again. True where the hang-up is not to be reported."""
-        if self._s.protocol != "auto" or self.connects or reason_code == KEEPALIVE_TIMEOUT or not self._client.fits:
+        if self._s.protocol != "auto" or self.connects or reason_code == KEEPALIVE_TIMEOUT:
             return False
         if self._client.speaks_mqtt5:
             self._client.use_mqtt311()
