@@ -301,15 +301,11 @@ def read_exactly(conn: socket.socket, size: int) -> bytes:
 
 def read_packet(conn: socket.socket) -> bytes:
     """One MQTT packet, its fixed header included."""
-    header = read_exactly(conn, 1)
-    remaining, shift = 0, 0
-    while True:
-        byte = read_exactly(conn, 1)
-        header += byte
-        remaining |= (byte[0] & 0x7F) << shift
-        shift += 7
-        if byte[0] < 0x80:
-            return header + read_exactly(conn, remaining)
+    header = read_exactly(conn, 2)
+    while header[-1] >= 0x80:  # the remaining length goes on
+        header += read_exactly(conn, 1)
+    remaining, _ = read_varint(header, 1)
+    return header + read_exactly(conn, remaining)
 
 
 def pipe(source: socket.socket, sink: socket.socket, farewell: Callable[[], bytes] = bytes,
