@@ -20,9 +20,15 @@ from agent.types import EMOTIONS, Box, EmotionScores
 logger = logging.getLogger(__name__)
 
 
+# Below this tilt a crop is taken as it is: levelling it would only resample the pixels.
+MIN_ROLL_DEG = 3.0
+
+
 class EmotionClassifier(Protocol):
-    def classify(self, image: np.ndarray, boxes: Sequence[Box]) -> list[EmotionScores]:
-        """Scores for each box of `image` (a BGR frame as OpenCV gives it, or 2-D gray), in order."""
+    def classify(self, image: np.ndarray, boxes: Sequence[Box],
+                 rolls: Sequence[float] | None = None) -> list[EmotionScores]:
+        """Scores for each box of `image` (a BGR frame as OpenCV gives it, or 2-D gray), in order;
+        `rolls`, where given, are the faces' tilts in degrees, undone before classifying."""
         ...
 
 
@@ -65,6 +71,20 @@ def crop_face(image: np.ndarray, box: Box, margin: float) -> np.ndarray:
     if any(pads):
         crop = cv2.copyMakeBorder(crop, *pads, cv2.BORDER_REPLICATE)
     return crop
+
+
+def level_face(image: np.ndarray, box: Box, margin: float, roll: float) -> np.ndarray:
+    """`crop_face`, turned by `roll` degrees about the box's centre so that the eyes are level, as
+    they are in FER2013's faces."""
+    if abs(roll) < MIN_ROLL_DEG:
+        return crop_face(image, box, margin)
+    # a crop half as wide again holds the turned square up to 45 degrees, edges included
+    wide = crop_face(image, box, margin * 1.5 + 0.25)
+    side = round(max(box.w, box.h) * (1 + 2 * margin))
+    centre = ((wide.shape[1] - 1) / 2, (wide.shape[0] - 1) / 2)
+    turn = cv2.getRotationMatrix2D(centre, roll, 1.0)
+    turn[:, 2] += (side - 1) / 2 - np.array(centre)
+    return cv2.warpAffine(wide, turn, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def resize_face(gray: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -158,7 +178,9 @@ class TFLiteEmotionClassifier:
             out[i] = self._run(resize_face(face, self.input_size))
         return out
 
-    def classify(self, image: np.ndarray, boxes: Sequence[Box]) -> list[EmotionScores]:
-        return [EmotionScores.from_array(self._run(resize_face(crop_face(image, box, self.crop_margin),
+    def classify(self, image: np.ndarray, boxes: Sequence[Box],
+                 rolls: Sequence[float] | None = None) -> list[EmotionScores]:
+        rolls = rolls if rolls is not None else [0.0] * len(boxes)
+        return [EmotionScores.from_array(self._run(resize_face(level_face(image, box, self.crop_margin, roll),
                                                                self.input_size)))
-                for box in boxes]
+                for box, roll in zip(boxes, rolls)]

@@ -90,7 +90,7 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) ->
         out_scores.append(scores[i])
         remaining &= ~members
     if not out_boxes:
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        return np.zeros((0, boxes.shape[1]), np.float32), np.zeros(0, np.float32)
     return np.array(out_boxes, np.float32), np.array(out_scores, np.float32)
 
 
@@ -98,7 +98,7 @@ class BlazeFaceDetector:
     """MediaPipe BlazeFace full-range: 192x192 RGB in [-1, 1], 2304 anchors, one stride-4 layer.
 
     The frame is letterboxed to the square input (aspect ratio kept), so boxes map back exactly.
-    The float model and its int8 build (agent.convert_detector) both load: a quantized input is
+    The float model and its int8 build (agent.tools.convert_detector) both load: a quantized input is
     filled from the pixels through a table, quantized outputs are dequantized where read.
     """
 
@@ -157,7 +157,7 @@ class BlazeFaceDetector:
         new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
         pad_x, pad_y = (self._size - new_w) // 2, (self._size - new_h) // 2
         # Area averaging: bilinear is 5x cheaper and finds the same dlib-marked faces, but its
-        # aliased crops made held expressions late or missed on the real videos (agent.flicker).
+        # aliased crops made held expressions late or missed on the real videos (agent.tools.flicker).
         resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
         rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
         table = self._pixel_table
@@ -174,14 +174,19 @@ class BlazeFaceDetector:
         keep = np.flatnonzero(raw_scores > self._logit_threshold)
         if keep.size == 0:
             return []
-        raw = dequantize(self._interpreter.get_tensor(self._boxes_index)[0, keep, :4], self._boxes_quant) / self._size
+        # box centre and size, then the subject's right and left eye, all relative to the anchor
+        raw = dequantize(self._interpreter.get_tensor(self._boxes_index)[0, keep, :8], self._boxes_quant) / self._size
         logits = dequantize(raw_scores[keep], self._scores_quant)
-        centres = raw[:, :2] + self._anchors[keep]
+        anchors = self._anchors[keep]
+        centres = raw[:, :2] + anchors
         half = raw[:, 2:4] / 2
-        boxes = np.concatenate([centres - half, centres + half], axis=1)
+        boxes = np.concatenate([centres - half, centres + half, raw[:, 4:6] + anchors, raw[:, 6:8] + anchors], axis=1)
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -RAW_SCORE_LIMIT, RAW_SCORE_LIMIT)))
         boxes, scores = weighted_nms(boxes[valid], scores[valid], self._nms_iou)
+        # the letterbox scales both axes alike, so the eye line's angle needs no undoing
+        rolls = np.degrees(np.arctan2(boxes[:, 7] - boxes[:, 5], boxes[:, 6] - boxes[:, 4]))
+        boxes = boxes[:, :4]
         # undo the letterbox: input-normalised -> frame pixels
         boxes *= self._size
         boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad_x) / scale
@@ -189,10 +194,10 @@ class BlazeFaceDetector:
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
         found = []
-        for (x1, y1, x2, y2), score in zip(boxes, scores):
+        for (x1, y1, x2, y2), score, roll in zip(boxes, scores, rolls):
             w, h = x2 - x1, y2 - y1
             if w >= max(1, self._min_face) and h >= 1:
-                found.append(Detection(Box(float(x1), float(y1), float(w), float(h)), float(score)))
+                found.append(Detection(Box(float(x1), float(y1), float(w), float(h)), float(score), float(roll)))
         return found
 
 

@@ -264,7 +264,8 @@ class Agent:
             self._detected = fresh
         detections = self._detected
         self._watch.lap()
-        scores = self.classifier.classify(frame.image, [d.box for d in detections]) if detections else []
+        scores = (self.classifier.classify(frame.image, [d.box for d in detections], [d.roll for d in detections])
+                  if detections else [])
         self.times.add("classify", self._watch.lap())
         return [FaceObservation(d, s) for d, s in zip(detections, scores)]
 

@@ -76,10 +76,12 @@ class Box:
 
 @dataclass(frozen=True, slots=True)
 class Detection:
-    """A face found in one frame."""
+    """A face found in one frame; `roll` is the tilt of its eye line in degrees (clockwise as seen,
+    0 for a level face or a detector without eye keypoints)."""
 
     box: Box
     score: float
+    roll: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,3 +134,34 @@ def test_bad_model_file_raises_model_error_with_one_line(tmp_path, make_path, me
         TFLiteEmotionClassifier(make_path(tmp_path))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("turn", [20, -25])
+def test_a_tilted_face_is_levelled_by_its_eye_line(turn):
+    from agent.classify import level_face
+    from agent.detect import BlazeFaceDetector
+
+    detector = BlazeFaceDetector(default_model_path("face_detection_full_range.tflite"), min_face_size=0)
+    image = astronaut_bgr()
+    [upright] = detector.detect(image)
+    turned = cv2.warpAffine(image, cv2.getRotationMatrix2D(upright.box.center, turn, 1.0),
+                            (image.shape[1], image.shape[0]), borderMode=cv2.BORDER_REPLICATE)
+    [tilted] = detector.detect(turned)
+    # OpenCV turns counter-clockwise for a positive angle; the roll is clockwise as seen
+    assert tilted.roll == pytest.approx(upright.roll - turn, abs=5)
+
+    def small(face):
+        return cv2.resize(face, (48, 48), interpolation=cv2.INTER_AREA).astype(float)
+
+    reference = small(level_face(image, upright.box, 0.1, upright.roll))
+    levelled = np.abs(small(level_face(turned, tilted.box, 0.1, tilted.roll)) - reference).mean()
+    as_is = np.abs(small(crop_face(turned, tilted.box, 0.1)) - reference).mean()
+    assert levelled < 0.75 * as_is
+
+
+def test_a_level_face_is_cropped_as_it_is():
+    from agent.classify import MIN_ROLL_DEG, level_face
+
+    image = astronaut_bgr()
+    assert np.array_equal(level_face(image, ASTRONAUT_FACE, 0.1, MIN_ROLL_DEG / 2),
+                          crop_face(image, ASTRONAUT_FACE, 0.1))
