@@ -8,10 +8,11 @@ import logging
 import os
 import signal
 import sys
+from importlib import import_module
 from typing import TYPE_CHECKING, Sequence
 
 from agent import __version__
-from agent.argtypes import Parser, port, positive_seconds
+from agent.argtypes import Parser, name_part, plot_file, port, positive_int, positive_seconds
 from agent.config import Config, load_config, read_password, redact_url, setting_location
 from agent.errors import (AgentError, ConfigError, SourceError, flushed, interrupted, report_error,
                           where_raised)
@@ -56,16 +57,40 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", metavar="FILE")
 
-    _add_optional_commands(sub)
+    _add_tool_commands(sub)
     return parser
 
 
-def _add_optional_commands(sub) -> None:
-    """Subcommands that live in their own modules; each registers its own arguments."""
-    from agent import bench, eval_cli
+def _add_tool_commands(sub) -> None:
+    """The measuring tools' subcommands: their arguments are declared here, and their code (in
+    agent.tools, with OpenCV) loads only when one of them is chosen, never for `run`."""
+    p = sub.add_parser("eval", help="measure accuracy: emotions on a FER2013 folder, or faces on dlib XML")
+    p.add_argument("target", metavar="DIR",
+                   help="FER2013 layout (one folder per class) or, with --faces, imglab XML file(s)/folder")
+    p.add_argument("--faces", action="store_true", help="score the face detector against imglab boxes")
+    p.add_argument("--margins", metavar="M,M,...",
+                   help="detect each face, then classify crops at these margins (how the default was chosen); "
+                        "write --margins=-0.1,0,0.1 when the first is negative")
+    p.add_argument("--config", metavar="FILE", help="agent config whose models are measured")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="at most N images per class")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--plot", metavar="FILE.png", type=plot_file,
+                   help="draw the confusion matrix (needs matplotlib; .png, .pdf or .svg)")
+    p.set_defaults(tool="eval_cli")
 
-    eval_cli.register(sub)
-    bench.register(sub)
+    p = sub.add_parser("bench", help="measure speed on a video, beside decode-only and the classic pipeline")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("--config", metavar="FILE", help="agent config to measure (default: built-in defaults)")
+    p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--rounds", type=positive_int, default=3, metavar="N",
+                   help="run the pipelines in turn N times and report each one's fastest round (default 3)")
+    p.add_argument("--no-classic", action="store_true", help="skip the classic reference (it needs TensorFlow)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-only reference")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots (latency per stage, frames/s) into DIR")
+    p.add_argument("--plot-name", metavar="NAME", type=name_part,
+                   help="name the plots fps_NAME.png, latency_NAME.png (default: the video's file name)")
+    p.set_defaults(tool="bench")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -269,7 +294,7 @@ COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+        handler = COMMANDS.get(args.command) or import_module(f"agent.tools.{args.tool}").command
         return flushed(handler(args))
     except (KeyboardInterrupt, Exception) as exc:  # a Ctrl-C also during start-up, while the imports run
         return 130 if interrupted(exc) else report_error(exc)

@@ -1,5 +1,5 @@
 """The error hierarchy, and `report_error`, which turns any error into a single line and an exit
-code at the top (of emotion-agent and of python -m agent.flicker)."""
+code at the top (of emotion-agent and of python -m agent.tools.flicker)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def flushed(code: int) -> int:
 
 
 def report_error(exc: Exception) -> int:
-    """`exc` as one line on stderr, and the exit code for it (emotion-agent and python -m agent.flicker)."""
+    """`exc` as one line on stderr, and the exit code for it (emotion-agent and python -m agent.tools.flicker)."""
     if isinstance(exc, AgentError):
         print(f"emotion-agent: error: {exc}", file=sys.stderr)
         return exc.exit_code

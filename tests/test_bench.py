@@ -62,7 +62,7 @@ def test_a_damaged_frame_mid_video_is_skipped_by_decode_only_as_by_the_agent(tmp
 
 def test_a_damaged_frame_mid_video_is_skipped_by_the_classic_reference(tmp_path):
     pytest.importorskip("tensorflow")
-    from agent.bench import bench_classic
+    from agent.tools.bench import bench_classic
 
     video = damage_frames(write_video(tmp_path / "clip.avi", frames=30), [12])
     assert bench_classic(str(video), None).frames == 29  # it stopped at 12
@@ -99,7 +99,7 @@ def test_bench_bad_input_is_one_line_before_any_measuring(tmp_path, capsys, smil
 
 def test_bench_plots_that_cannot_be_saved_are_a_one_line_error(tmp_path):
     pytest.importorskip("matplotlib")
-    from agent.bench import BenchResult, PipelineFigures, plot
+    from agent.tools.bench import BenchResult, PipelineFigures, plot
     from agent.errors import AgentError
 
     figures = PipelineFigures(frames=10, seconds=0.1, fps=100.0, cpu_s_per_frame=0.01,
@@ -135,7 +135,7 @@ def test_bench_rounds_report_each_pipelines_fastest_round(tmp_path, capsys):
 
 
 def test_bench_report_shows_each_rounds_ratio_to_the_classic_pipeline_and_their_median():
-    from agent.bench import BenchResult, PipelineFigures, format_report
+    from agent.tools.bench import BenchResult, PipelineFigures, format_report
 
     def figures(fps: float) -> PipelineFigures:
         return PipelineFigures(frames=100, seconds=100 / fps, fps=fps, cpu_s_per_frame=0.004)
@@ -162,7 +162,7 @@ def test_bench_counts_must_be_positive(flag, capsys):
 
 def test_the_classic_reference_is_the_blogs_published_architecture():
     pytest.importorskip("tensorflow")
-    from agent.classic import build_blog_model
+    from agent.tools.classic import build_blog_model
 
     model = build_blog_model()
     kinds = [type(layer).__name__ for layer in model.layers]
@@ -179,7 +179,7 @@ def test_the_classic_reference_is_the_blogs_published_architecture():
 
 def test_the_up_front_tensorflow_check_does_not_load_it_into_the_measured_process():
     pytest.importorskip("tensorflow")  # in this process only; the check runs in a fresh one
-    probe = ("import sys; from agent.classic import check_tensorflow_installed; check_tensorflow_installed(); "
+    probe = ("import sys; from agent.tools.classic import check_tensorflow_installed; check_tensorflow_installed(); "
              "sys.exit('tensorflow' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
 
@@ -206,7 +206,7 @@ Model\t\t: Raspberry Pi 5 Model B Rev 1.0
     ("", "", []),
 ])
 def test_the_machine_line_names_the_cpu_and_the_extensions_litert_picks_kernels_by(text, model, simd):
-    from agent.machine import parse_cpuinfo
+    from agent.tools.machine import parse_cpuinfo
 
     assert parse_cpuinfo(text) == (model, simd)
 

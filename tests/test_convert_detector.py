@@ -4,8 +4,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from agent.convert import sha256
-from agent.convert_detector import INT8_NAME, SIGNATURE, calibration_inputs, main, quantizable_float_graph
+from agent.tools.convert import sha256
+from agent.tools.convert_detector import INT8_NAME, SIGNATURE, calibration_inputs, main, quantizable_float_graph
 from agent.detect import BlazeFaceDetector
 from agent.errors import AgentError
 from agent.interpreter import load_interpreter

@@ -83,7 +83,7 @@ def test_the_agent_on_a_video_emits_exactly_what_inline_detection_gives(tmp_path
     from agent import payloads
     from agent.capture import VideoFileSource
     from agent.config import load_config
-    from agent.flicker import face_sequences, observe_video
+    from agent.tools.flicker import face_sequences, observe_video
     from agent.mqtt import MemoryPublisher
     from agent.pipeline import build_agent, make_classifier_from, make_detector_from, make_tracker_from
     from tests.test_end_to_end import still_video

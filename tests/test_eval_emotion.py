@@ -11,7 +11,7 @@ import pytest
 from agent.classify import TFLiteEmotionClassifier, crop_face
 from agent.model_files import default_model_path
 from agent.errors import AgentError, SourceError
-from agent.eval_emotion import evaluate_folder, format_report, load_folder, plot_confusion
+from agent.tools.eval_emotion import evaluate_folder, format_report, load_folder, plot_confusion
 from agent.types import EMOTION_LABELS, Box
 
 from conftest import astronaut_bgr, grace_hopper_path

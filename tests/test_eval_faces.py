@@ -7,7 +7,7 @@ import pytest
 from agent.model_files import default_model_path
 from agent.detect import BlazeFaceDetector, HaarDetector
 from agent.errors import SourceError
-from agent.eval_faces import evaluate_detector, format_report, match, parse_imglab
+from agent.tools.eval_faces import evaluate_detector, format_report, match, parse_imglab
 from agent.types import Box, Detection
 from tests.conftest import astronaut_bgr
 

@@ -173,7 +173,7 @@ def test_crossing_faces_keep_their_ids_and_their_emotions():
 
 
 def test_flicker_figures_count_raw_and_emitted_changes_and_time_a_held_change():
-    from agent.flicker import measure
+    from agent.tools.flicker import measure
 
     # Neutral with a one-frame sad blip every second, then happy from 5 s on: 5 blips x 2 raw changes,
     # plus the change to happy; one emitted change besides the first-known one.
@@ -189,7 +189,7 @@ def test_flicker_figures_count_raw_and_emitted_changes_and_time_a_held_change():
 
 
 def test_every_pair_of_held_windows_of_two_emotions_is_spliced_and_timed():
-    from agent.flicker import HeldWindow, splice_delays
+    from agent.tools.flicker import HeldWindow, splice_delays
 
     def window(label: str, start: float) -> HeldWindow:
         frames = tuple((start + i / 10, EmotionScores.from_array(probs(label))) for i in range(30))
@@ -203,7 +203,7 @@ def test_every_pair_of_held_windows_of_two_emotions_is_spliced_and_timed():
 
 
 def test_sensor_noise_moves_each_value_by_at_most_one_grey_level_reproducibly():
-    from agent.flicker import add_sensor_noise
+    from agent.tools.flicker import add_sensor_noise
 
     image = np.array([[0, 1, 128, 254, 255]] * 200, np.uint8)
     noisy = add_sensor_noise(image, np.random.default_rng(3))
@@ -215,7 +215,7 @@ def test_sensor_noise_moves_each_value_by_at_most_one_grey_level_reproducibly():
 
 
 def test_pooled_figures_add_up_every_run():
-    from agent.flicker import FlickerFigures, RunFigures, format_pooled
+    from agent.tools.flicker import FlickerFigures, RunFigures, format_pooled
 
     runs = [RunFigures(FlickerFigures(raw_changes=100, emitted_changes=4, face_seconds=60.0), [], [0.5, 0.7], 1),
             RunFigures(FlickerFigures(raw_changes=50, emitted_changes=2, face_seconds=30.0), [], [1.2], 0)]
@@ -231,7 +231,7 @@ def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
     from agent.classify import TFLiteEmotionClassifier
     from agent.config import load_config
     from agent.detect import make_detector
-    from agent.flicker import Pooled, measure_videos
+    from agent.tools.flicker import Pooled, measure_videos
     from agent.model_files import default_model_path
 
     cfg = load_config(None, {"detector.interval_s": 0})
@@ -250,7 +250,7 @@ def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
 
 
 def test_agreement_matches_faces_by_overlap_and_skips_the_references_uncertain_frames():
-    from agent.flicker import agreement
+    from agent.tools.flicker import agreement
 
     left, right, far = Box(0, 0, 100, 100), Box(300, 0, 100, 100), Box(600, 0, 100, 100)
     reference = {0.0: [(left, "happy"), (right, "sad")],

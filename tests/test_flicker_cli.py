@@ -1,4 +1,4 @@
-"""`python -m agent.flicker` run as a user runs it: a bad input is one line before any measuring,
+"""`python -m agent.tools.flicker` run as a user runs it: a bad input is one line before any measuring,
 --set values are read as in the YAML config, and Ctrl-C ends it without a traceback."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import sys
 import pytest
 
 from agent.errors import ConfigError
-from agent.flicker import parse_setting
+from agent.tools.flicker import parse_setting
 from tests.test_bench import empty_video
 from tests.test_end_to_end import still_video
 
 
 def flicker(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.flicker", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "agent.tools.flicker", *map(str, args)], capture_output=True, text=True,
                           timeout=120)
 
 
@@ -105,19 +105,19 @@ def test_flicker_errors_are_worded_and_numbered_as_emotion_agents(tmp_path, clip
 
 def test_a_reader_that_stops_early_is_one_line_not_a_traceback(clip):
     # `| head -1`: the print that met the closed pipe ended in a BrokenPipeError traceback.
-    done = subprocess.run(f"{sys.executable} -m agent.flicker {clip} | true", shell=True, capture_output=True,
+    done = subprocess.run(f"{sys.executable} -m agent.tools.flicker {clip} | true", shell=True, capture_output=True,
                           text=True, timeout=120)
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1] == "emotion-agent: error: Broken pipe"
 
 
 @pytest.mark.parametrize("after", [
-    "INFO agent.progress: clip.avi: 1/",  # measuring the first pass
+    "INFO agent.tools.progress: clip.avi: 1/",  # measuring the first pass
     "spliced held windows",               # its report printed; measuring the noise runs
 ])
 def test_ctrl_c_ends_flicker_without_a_traceback(clip, after):
     # Many noise runs: far more work than the test waits for.
-    process = subprocess.Popen([sys.executable, "-m", "agent.flicker", str(clip), "--noise-runs", "100"],
+    process = subprocess.Popen([sys.executable, "-m", "agent.tools.flicker", str(clip), "--noise-runs", "100"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []

@@ -3,7 +3,7 @@
 import io
 import logging
 
-from agent.progress import Progress
+from agent.tools.progress import Progress
 
 
 class FakeTerminal(io.StringIO):
@@ -22,7 +22,7 @@ def test_progress_draws_a_bar_on_a_terminal():
 
 def test_progress_logs_plain_lines_elsewhere(caplog):
     stream = io.StringIO()
-    with caplog.at_level(logging.INFO, logger="agent.progress"):
+    with caplog.at_level(logging.INFO, logger="agent.tools.progress"):
         progress = Progress("agent", 4, stream=stream, log_every_s=0)
         for _ in range(4):
             progress.update()
@@ -46,7 +46,7 @@ def test_on_a_terminal_a_bar_is_redrawn_in_place_and_ended_with_a_newline(caplog
 
 
 def test_elsewhere_plain_log_lines_at_most_every_interval_and_a_final_one(caplog):
-    caplog.set_level(logging.INFO, logger="agent.progress")
+    caplog.set_level(logging.INFO, logger="agent.tools.progress")
     journal = io.StringIO()
     progress = Progress("classify", 3, stream=journal, log_every_s=3600)
     for _ in range(3):

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import cv2
 
-from agent.argtypes import check_output_file, name_part, positive_int
+from agent.argtypes import check_output_file
 from agent.capture import VideoFileSource, check_video_file, opencv_file_name
 from agent.config import load_config
 from agent.errors import AgentError
-from agent.machine import describe, format_machine
+from agent.tools.machine import describe, format_machine
 from agent.notify import SystemdNotifier
-from agent.progress import Progress, frames_total
+from agent.tools.progress import Progress, frames_total
 from agent.stats import STAGES, StageTimes
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class BenchResult:
     decode_only: PipelineFigures | None = None
     classic: PipelineFigures | None = None
     ratios: dict = field(default_factory=dict)
-    machine: dict = field(default_factory=dict)  # agent.machine.describe(), filled in by run_bench
+    machine: dict = field(default_factory=dict)  # agent.tools.machine.describe(), filled in by run_bench
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +156,7 @@ def bench_decode(video: str, max_frames: int | None) -> PipelineFigures:
 
 
 def bench_classic(video: str, max_frames: int | None) -> PipelineFigures:
-    from agent.classic import ClassicPipeline
+    from agent.tools.classic import ClassicPipeline
 
     pipeline = ClassicPipeline()
     source = VideoFileSource(video)
@@ -200,7 +200,7 @@ def run_bench(video: str, *, config_path: str | None = None, max_frames: int | N
     hits them alike; each is reported by its fastest round, and the ratios are between those."""
     check_video_file(video, "bench")
     if classic:
-        from agent.classic import check_tensorflow_installed
+        from agent.tools.classic import check_tensorflow_installed
 
         check_tensorflow_installed()  # before minutes of measuring, not after
     load_config(config_path, {"source": video})  # a bad config fails now, in one line
@@ -268,7 +268,7 @@ def plot_paths(video: str, directory: Path, name: str | None = None) -> tuple[Pa
 
 
 def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]:
-    from agent.eval_emotion import require_pyplot, save_figure
+    from agent.tools.eval_emotion import require_pyplot, save_figure
 
     plt = require_pyplot()
     latency_path, fps_path = plot_paths(r.video, directory, name)
@@ -301,11 +301,12 @@ def plot(r: BenchResult, directory: Path, name: str | None = None) -> list[Path]
     return out
 
 
-def _cmd(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
+    """`emotion-agent bench`, with the arguments agent.cli declares for it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.pipeline").setLevel(logging.WARNING)  # one line per event is noise here
     if args.plot:  # before minutes of measuring, not after
-        from agent.eval_emotion import check_pyplot_installed
+        from agent.tools.eval_emotion import check_pyplot_installed
 
         check_pyplot_installed()
         for path in plot_paths(args.video, Path(args.plot), args.plot_name):
@@ -321,18 +322,3 @@ def _cmd(args: argparse.Namespace) -> int:
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
-
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="measure speed on a video, beside decode-only and the classic pipeline")
-    p.add_argument("video", metavar="VIDEO")
-    p.add_argument("--config", metavar="FILE", help="agent config to measure (default: built-in defaults)")
-    p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
-    p.add_argument("--rounds", type=positive_int, default=3, metavar="N",
-                   help="run the pipelines in turn N times and report each one's fastest round (default 3)")
-    p.add_argument("--no-classic", action="store_true", help="skip the classic reference (it needs TensorFlow)")
-    p.add_argument("--no-decode", action="store_true", help="skip the decode-only reference")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--plot", metavar="DIR", help="write PNG plots (latency per stage, frames/s) into DIR")
-    p.add_argument("--plot-name", metavar="NAME", type=name_part,
-                   help="name the plots fps_NAME.png, latency_NAME.png (default: the video's file name)")
-    p.set_defaults(handler=_cmd)

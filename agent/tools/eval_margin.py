@@ -18,8 +18,8 @@ import numpy as np
 
 from agent.classify import TFLiteEmotionClassifier
 from agent.detect import FaceDetector
-from agent.eval_emotion import load_folder
-from agent.progress import Progress
+from agent.tools.eval_emotion import load_folder
+from agent.tools.progress import Progress
 
 UPSCALE = 4      # 48 px FER faces -> 192 px, a face size BlazeFace sees in real frames
 PAD_FRACTION = 0.5
