@@ -66,7 +66,8 @@ def _add_tool_commands(sub) -> None:
     agent.tools, with OpenCV) loads only when one of them is chosen, never for `run`."""
     p = sub.add_parser("eval", help="measure accuracy: emotions on a FER2013 folder, or faces on dlib XML")
     p.add_argument("target", metavar="DIR",
-                   help="FER2013 layout (one folder per class) or, with --faces, imglab XML file(s)/folder")
+                   help="one folder per class, named as FER2013, CK+, KDEF or JAFFE name them (contempt is "
+                        "skipped), or, with --faces, imglab XML file(s)/folder")
     p.add_argument("--faces", action="store_true", help="score the face detector against imglab boxes")
     p.add_argument("--margins", metavar="M,M,...",
                    help="detect each face, then classify crops at these margins (how the default was chosen); "

@@ -1,6 +1,7 @@
 """`emotion-agent eval` end to end through the real command."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -26,6 +27,17 @@ def test_eval_prints_accuracy_as_json(tiny_fer, capsys):
     assert main(["eval", str(tiny_fer), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 1 and report["accuracy"] == 1.0
+
+
+def test_eval_takes_a_ck_plus_folder_as_it_is(tiny_fer, capsys, caplog):
+    (tiny_fer / "sadness").mkdir()
+    (tiny_fer / "contempt").mkdir()
+    shutil.copy(tiny_fer / "happy" / "a.png", tiny_fer / "contempt" / "a.png")
+    caplog.set_level(logging.INFO, logger="agent.tools.eval_emotion")
+    assert main(["eval", str(tiny_fer), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 1 and report["accuracy"] == 1.0
+    assert "1 image(s) in contempt skipped: not one of the seven classes" in caplog.text
 
 
 def test_eval_margins_reports_each_margin(tiny_fer, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import cv2
 import numpy as np
@@ -77,8 +78,9 @@ def test_unreadable_image_is_skipped_and_counted(faces_dir, classifier, damage, 
 
 
 @pytest.mark.parametrize("layout, message", [
-    ({"contempt": 1}, "unknown class folder(s) contempt"),
+    ({"bored": 1, "happy": 1}, "unknown class folder(s) bored; expected angry, disgust, fear"),
     ({}, "no class folders"),
+    ({"contempt": 1}, "no class folders"),  # skipped, and nothing is left
     ({"happy": 0}, "no readable images"),
 ])
 def test_bad_folder_layout_is_a_one_line_source_error(tmp_path, layout, message):
@@ -88,6 +90,40 @@ def test_bad_folder_layout_is_a_one_line_source_error(tmp_path, layout, message)
             cv2.imwrite(str(tmp_path / name / f"{i}.png"), np.full((48, 48), 128, np.uint8))
     with pytest.raises(SourceError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_folder(tmp_path)
+
+
+@pytest.mark.parametrize("folder, label", [
+    ("anger", "angry"), ("AN", "angry"), ("Angry", "angry"),  # CK+, KDEF/JAFFE, any case
+    ("disgusted", "disgust"), ("DI", "disgust"),
+    ("fearful", "fear"), ("AF", "fear"), ("FE", "fear"),
+    ("HA", "happy"), ("happiness", "happy"),
+    ("sadness", "sad"), ("SA", "sad"),
+    ("surprised", "surprise"), ("SU", "surprise"),
+    ("NE", "neutral"),
+])
+def test_other_datasets_folder_names_give_their_class(tmp_path, folder, label):
+    (tmp_path / folder).mkdir()
+    cv2.imwrite(str(tmp_path / folder / "a.png"), crop_face(astronaut_bgr(), ASTRONAUT_FACE, 0.1))
+    assert load_folder(tmp_path).labels.tolist() == [EMOTION_LABELS.index(label)]
+
+
+def test_ck_plus_contempt_is_skipped_in_one_line_that_counts_its_images(faces_dir, caplog):
+    (faces_dir / "contempt").mkdir()
+    for name in ("a.png", "b.png"):
+        (faces_dir / "contempt" / name).write_bytes((faces_dir / "happy" / "a.png").read_bytes())
+    (faces_dir / "contempt" / "notes.txt").write_text("not an image")
+    (faces_dir / "happy").rename(faces_dir / "HA")  # with another dataset's name beside it
+    caplog.set_level(logging.INFO, logger="agent.tools.eval_emotion")
+    data = load_folder(faces_dir)
+    assert sorted(data.labels.tolist()) == [EMOTION_LABELS.index("happy")] * 2 + [EMOTION_LABELS.index("neutral")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{faces_dir}: 2 image(s) in contempt skipped: not one of the seven classes"]
+
+
+def test_limit_counts_two_folders_of_one_class_together(faces_dir):
+    (faces_dir / "HA").mkdir()
+    (faces_dir / "happy" / "b.png").rename(faces_dir / "HA" / "b.png")
+    assert load_folder(faces_dir, limit=1).labels.tolist().count(EMOTION_LABELS.index("happy")) == 1
 
 
 def test_report_and_json_carry_the_same_figures(faces_dir, classifier):

@@ -1,4 +1,5 @@
-"""Accuracy of an expression model on a FER2013-layout folder (one sub-folder per class).
+"""Accuracy of an expression model on a FER2013-layout folder (one sub-folder per class, named
+as FER2013, CK+, KDEF or JAFFE name it).
 
 FER2013 images are already face crops, so each is classified whole (resized to the model's input),
 without a detector. `load_folder` reads, `score` is pure, `evaluate_folder` is the two plus timing.
@@ -83,22 +84,48 @@ class EmotionEvalResult:
         }
 
 
+# The folder names other datasets give the seven classes, matched in any case: CK+'s nouns,
+# KDEF's and JAFFE's two-letter codes, adjectives, FER+'s and AffectNet's "happiness".
+_OTHER_NAMES = {
+    "angry": ("anger", "an"),
+    "disgust": ("disgusted", "di"),
+    "fear": ("fearful", "afraid", "af", "fe"),
+    "happy": ("happiness", "ha"),
+    "sad": ("sadness", "sa"),
+    "surprise": ("surprised", "su"),
+    "neutral": ("ne",),
+}
+CLASS_OF_FOLDER = {name: EMOTION_LABELS.index(label)
+                   for label, names in _OTHER_NAMES.items() for name in (label, *names)}
+OUTSIDE_THE_SEVEN = ("contempt",)  # CK+'s eighth class: its images are skipped, not refused
+
+
 def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
-    """Gray faces and labels from `root/<class name>/*`; at most `limit` images per class, taken in
-    name order so a limited run is the same run every time."""
+    """Gray faces and labels from `root/<class name>/*` (a name in CLASS_OF_FOLDER, in any case); at
+    most `limit` images per class, taken in name order so a limited run is the same run every time."""
     root = Path(root)
     folders = sorted(p for p in _listing(root) if p.is_dir()) if root.is_dir() else []
-    unknown = [p.name for p in folders if p.name.lower() not in EMOTION_LABELS]
+    unknown = [p.name for p in folders if p.name.lower() not in (*CLASS_OF_FOLDER, *OUTSIDE_THE_SEVEN)]
     if unknown:
-        raise SourceError(f"{root}: unknown class folder(s) {', '.join(unknown)}; expected {', '.join(EMOTION_LABELS)}")
+        raise SourceError(f"{root}: unknown class folder(s) {', '.join(unknown)}; expected {', '.join(EMOTION_LABELS)} "
+                          "or the CK+, KDEF or JAFFE names (anger, sadness, AN, DI, AF, ...)")
+    outside = [p for p in folders if p.name.lower() in OUTSIDE_THE_SEVEN]
+    folders = [p for p in folders if p not in outside]
     if not folders:
         raise SourceError(f"{root}: no class folders; expected sub-folders named {', '.join(EMOTION_LABELS)}")
+    if outside:
+        skipped = sum(len(_images(p)) for p in outside)
+        logger.info("%s: %d image(s) in %s skipped: not one of the seven classes", root, skipped,
+                    ", ".join(p.name for p in outside))
     faces: list[np.ndarray] = []
     labels: list[int] = []
     unreadable: list[str] = []
     for folder in folders:
-        files = sorted(p for p in _listing(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files[:limit] if limit is not None else files:
+        label = CLASS_OF_FOLDER[folder.name.lower()]
+        files = _images(folder)
+        if limit is not None:  # two folders of one class (happy/ and HA/) share its limit
+            files = files[:max(0, limit - labels.count(label))]
+        for path in files:
             try:
                 image, why = read_image(path, cv2.IMREAD_GRAYSCALE), f"cannot read {path}"
             except SourceError as exc:  # over OpenCV's pixel limit: that file is skipped, not the run
@@ -110,10 +137,14 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
                 unreadable.append(str(path))
                 continue
             faces.append(image)
-            labels.append(EMOTION_LABELS.index(folder.name.lower()))
+            labels.append(label)
     if not faces:
         raise SourceError(f"{root}: no readable images in the class folders")
     return LabelledFaces(faces, np.asarray(labels, dtype=np.int64), tuple(unreadable))
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in _listing(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _listing(folder: Path) -> list[Path]:
