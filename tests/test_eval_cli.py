@@ -27,6 +27,7 @@ def test_eval_prints_accuracy_as_json(tiny_fer, capsys):
     assert main(["eval", str(tiny_fer), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == 1 and report["accuracy"] == 1.0
+    assert 0 < report["ece"] < 1  # one right face: 1 - its top score
 
 
 def test_eval_takes_a_ck_plus_folder_as_it_is(tiny_fer, capsys, caplog):

@@ -12,7 +12,8 @@ import pytest
 from agent.classify import TFLiteEmotionClassifier, crop_face
 from agent.model_files import default_model_path
 from agent.errors import AgentError, SourceError
-from agent.tools.eval_emotion import evaluate_folder, format_report, load_folder, plot_confusion
+from agent.tools.eval_emotion import (evaluate_folder, expected_calibration_error, format_report, load_folder,
+                                      plot_confusion)
 from agent.types import EMOTION_LABELS, Box
 
 from conftest import astronaut_bgr, grace_hopper_path
@@ -126,10 +127,27 @@ def test_limit_counts_two_folders_of_one_class_together(faces_dir):
     assert load_folder(faces_dir, limit=1).labels.tolist().count(EMOTION_LABELS.index("happy")) == 1
 
 
+def test_ece_weighs_each_bins_gap_by_its_share_of_the_faces():
+    # Top scores 0.9 right and 0.9 wrong (one bin), 0.7 right, 0.6 right: three of the 15 bins.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([0, 1, 1, 0])
+    # 2/4 * |1/2 - 0.9| + 1/4 * |1 - 0.7| + 1/4 * |1 - 0.6|
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.2 + 0.075 + 0.1)
+
+
+def test_ece_is_zero_for_a_model_right_as_often_as_its_top_score_says():
+    probs = np.array([[0.75, 0.25]] * 4)
+    assert expected_calibration_error(probs, np.array([0, 0, 0, 1])) == pytest.approx(0.0)
+    assert expected_calibration_error(probs, np.array([1, 1, 1, 1])) == pytest.approx(0.75)  # all wrong
+
+
 def test_report_and_json_carry_the_same_figures(faces_dir, classifier):
     result = evaluate_folder(faces_dir, classifier)
     data = json.loads(json.dumps(result.as_dict()))
     assert data["count"] == 3 and data["accuracy"] == 1.0
+    top = classifier.classify_faces(load_folder(faces_dir).faces).max(axis=1)
+    assert data["ece"] == round(1 - top.mean(), 4) and data["ece"] > 0  # all right, each below 1
+    assert f"ECE        {result.ece:.4f} (expected calibration error, 15 bins" in format_report(result)
     assert data["confusion"][EMOTION_LABELS.index("happy")][EMOTION_LABELS.index("happy")] == 2
     text = format_report(result)
     assert "accuracy   100.00 %  (3/3)" in text

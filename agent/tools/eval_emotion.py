@@ -40,6 +40,7 @@ class EmotionEvalResult:
     model: str = ""
     source: str = ""
     unreadable: int = 0
+    ece: float = 0.0  # expected calibration error of the top scores
 
     @property
     def count(self) -> int:
@@ -77,6 +78,7 @@ class EmotionEvalResult:
             "accuracy": round(self.accuracy, 4),
             "mean_recall": round(self.mean_recall, 4),
             "ms_per_face": round(self.seconds_per_face * 1000, 3),
+            "ece": round(self.ece, 4),
             "recall": {k: (round(v, 4) if v is not None else None) for k, v in self.recall.items()},
             "support": self.support,
             "classes": list(EMOTION_LABELS),
@@ -161,6 +163,21 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> tuple[tuple[i
     return tuple(tuple(int(v) for v in row) for row in matrix)
 
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """How far the top score is from the share it gets right: the faces put in `bins` equal-width
+    bins of their top score, (lower, upper], and the bins' |accuracy - mean top score| averaged,
+    each weighted by its share of the faces (Guo et al. 2017). 0 for a calibrated model."""
+    probs = np.asarray(probs, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(labels)
+    which = np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True)
+    gaps = np.bincount(which, weights=correct - confidence, minlength=bins)  # per bin: n * (accuracy - mean)
+    return float(np.abs(gaps).sum() / len(confidence))
+
+
 def evaluate_folder(root: Path, classifier: CroppedFaceClassifier, limit: int | None = None) -> EmotionEvalResult:
     """Classify every face of a FER2013-layout folder; `limit` caps the images per class."""
     data = load_folder(root, limit)
@@ -171,7 +188,8 @@ def evaluate_folder(root: Path, classifier: CroppedFaceClassifier, limit: int | 
     return EmotionEvalResult(confusion=confusion_matrix(data.labels, np.argmax(probs, axis=1)),
                              seconds_per_face=elapsed / len(data.faces),
                              model=Path(model).name if model else type(classifier).__name__,
-                             source=str(root), unreadable=len(data.unreadable))
+                             source=str(root), unreadable=len(data.unreadable),
+                             ece=expected_calibration_error(probs, data.labels))
 
 
 def format_report(result: EmotionEvalResult) -> str:
@@ -184,6 +202,7 @@ def format_report(result: EmotionEvalResult) -> str:
         f"accuracy   {100 * result.accuracy:.2f} %  ({result.correct}/{result.count})",
         f"mean recall {100 * result.mean_recall:.2f} %",
         f"speed      {1000 * result.seconds_per_face:.3f} ms per face (classification only)",
+        f"ECE        {result.ece:.4f} (expected calibration error, {ECE_BINS} bins of the top score)",
         "",
         f"{'true':<{width}} {'n':>5} {'recall':>7}   predicted: " + " ".join(f"{lb:>8}" for lb in labels),
     ]
