@@ -114,6 +114,54 @@ def open_stream(url: str, timeout_s: float) -> cv2.VideoCapture:
     return cv2.VideoCapture(url, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
 
 
+# What an HTTP camera may answer with a stream: MJPEG's multipart parts, a video, or raw bytes.
+_VIDEO_CONTENT_TYPES = ("multipart/", "video/", "application/octet-stream")
+
+
+def http_stream_problem(url: str, timeout_s: float) -> str | None:
+    """What an http(s) URL that OpenCV cannot open answers, in a few words: an HTTP error status
+    (404 Not Found: the path is wrong), an answer that is no video (the camera's web page), or no
+    answer at all. None for other URLs. One GET, read up to its headers."""
+    import http  # only where a stream fails to open
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return None
+    # As FFmpeg does, no check of the certificate: a camera's own is seldom one a CA signed.
+    unchecked = ssl.create_default_context()
+    unchecked.check_hostname = False
+    unchecked.verify_mode = ssl.CERT_NONE
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPSHandler(context=unchecked)]
+    if parts.username is not None:  # urllib takes no user info in the URL: given as a login instead
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        logins = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+        logins.add_password(None, url, urllib.parse.unquote(parts.username),
+                            urllib.parse.unquote(parts.password or ""))
+        handlers += [urllib.request.HTTPBasicAuthHandler(logins), urllib.request.HTTPDigestAuthHandler(logins)]
+    try:
+        with urllib.request.build_opener(*handlers).open(url, timeout=timeout_s) as answer:
+            kind = answer.headers.get_content_type() if answer.headers.get("Content-Type") else None
+    except urllib.error.HTTPError as exc:
+        try:
+            phrase = http.HTTPStatus(exc.code).phrase
+        except ValueError:
+            phrase = "(an unknown status)"
+        return f"the server answered {exc.code} {phrase}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            return f"no answer within {timeout_s:g} s"
+        return f"no connection ({getattr(reason, 'strerror', None) or reason})"
+    said = f"Content-Type {kind}" if kind else "no Content-Type"
+    if kind is None or not kind.startswith(_VIDEO_CONTENT_TYPES):
+        return f"the server's answer is not a video stream ({said})"
+    return f"the server's answer ({said}) does not decode as video"
+
+
 def camera_device(target: int | str) -> str | None:
     """The device file a camera source opens, where it is known: a /dev path as given, or on
     Linux an index, which OpenCV's V4L2 backend opens as /dev/video<index>. OpenCV takes an
@@ -383,6 +431,7 @@ class LiveSource:
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
         self._stream = is_stream(target)
+        self._stall_timeout = stall_timeout_s
         self._open_capture = open_capture or (functools.partial(open_stream, timeout_s=stall_timeout_s)
                                               if self._stream else cv2.VideoCapture)
         self._cond = threading.Condition()
@@ -426,12 +475,17 @@ class LiveSource:
             self._status = status
             self._cond.notify_all()
 
+    def _why_not_open(self) -> str:
+        problem = self._stream and http_stream_problem(str(self._target), min(self._stall_timeout, 5.0))
+        return problem or "unplugged, busy, or nothing listening there"
+
     def _run(self) -> None:
         delay = self._retry_initial
         while not self._stop.is_set():
             cap = self._open()
             if cap is None:
-                self._set_status("reconnecting", "cannot open it: unplugged, busy, or nothing listening there")
+                if self._status != "reconnecting":  # said once, as it goes
+                    self._set_status("reconnecting", f"cannot open it: {self._why_not_open()}")
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._retry_max)
                 continue

@@ -1,6 +1,7 @@
 """A real MJPEG-over-HTTP server in the way an ESP32-CAM serves one (`/stream`,
 multipart/x-mixed-replace, one JPEG per part, chunked), that a test can stall, take down and up again
-(as a reboot does) or make send a damaged part. Also a command, to point the agent at by hand:
+(as a reboot does) or make send a damaged part. `/` is the camera's web page; any other path
+answers 404. Also a command, to point the agent at by hand:
 
     python tests/mjpeg_server.py PORT photo.jpg|video.mp4 [FPS]
 """
@@ -18,6 +19,7 @@ import cv2
 import numpy as np
 
 BOUNDARY = "123456789000000000000987654321"  # the ESP32-CAM web server's
+PAGE = b"<!doctype html><title>ESP32 OV2640</title><img src=':81/stream'>"
 
 
 def jpeg(image: np.ndarray, quality: int = 85) -> bytes:
@@ -101,6 +103,10 @@ class MjpegServer:
             self._clients.add(conn)
             self.connections += 1
         try:
+            if request.startswith(b"GET / "):  # the camera's web page, as the ESP32-CAM serves on port 80
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (len(PAGE), PAGE))
+                return
             if not request.startswith(b"GET /stream "):
                 conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return

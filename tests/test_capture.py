@@ -407,6 +407,34 @@ def test_closing_a_source_blocked_in_a_stalled_read_does_not_wait_for_the_read(m
     assert source.read(timeout=0.1) is None
 
 
+@pytest.mark.parametrize("path, why", [
+    ("/capture.jpg", "the server answered 404 Not Found"),  # a wrong path
+    ("/", "the server's answer is not a video stream (Content-Type text/html)"),  # the camera's web page
+])
+@pytest.mark.parametrize("login", ["", "admin:S3cret@"])
+def test_a_stream_url_that_answers_without_video_says_what_the_server_answered(mjpeg_server, caplog, live_source,
+                                                                                  path, why, login):
+    # Both were "cannot open it: unplugged, busy, or nothing listening there", with the server up.
+    server = mjpeg_server([face_jpeg()], fps=20)
+    url = f"http://{login}127.0.0.1:{server.port}{path}"
+    with caplog.at_level(logging.INFO, logger="agent.capture"):
+        source = live_source(url, retry_initial_s=0.05, retry_max_s=0.1)
+        assert wait_until(lambda: source.status() == "reconnecting", timeout=10) < 10
+    shown = url.replace("S3cret", "***")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"stream {shown}: reconnecting (cannot open it: {why}; retrying with backoff up to every 0.1 s)"]
+
+
+def test_a_stream_url_with_nothing_listening_says_so(caplog, live_source):
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/stream"
+    with caplog.at_level(logging.INFO, logger="agent.capture"):
+        source = live_source(url, retry_initial_s=0.05, retry_max_s=0.1)
+        assert wait_until(lambda: source.status() == "reconnecting", timeout=10) < 10
+    assert "reconnecting (cannot open it: no connection (Connection refused); retrying" in caplog.text
+
+
 def test_a_stream_that_reboots_comes_back_with_one_line_each_way(mjpeg_server, caplog, live_source):
     server = mjpeg_server([face_jpeg()], fps=20)
     with caplog.at_level(logging.INFO, logger="agent.capture"):
