@@ -21,9 +21,9 @@ from typing import Callable, Protocol
 import cv2
 import numpy as np
 
+from agent import MAX_IMAGE_PIXELS
 from agent.config import is_stream_url, redact_url
 from agent.errors import SourceError
-from agent.image_size import MAX_IMAGE_PIXELS, image_size
 from agent.types import Frame
 
 logger = logging.getLogger(__name__)
@@ -184,25 +184,18 @@ def camera_device_missing(kind: str, target: int | str) -> bool:
 def read_image(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None:
     """The image in file `path`, or None where there is none to decode: not a file (a named pipe
     would have OpenCV wait for a writer, forever), or not an image OpenCV reads. SourceError for
-    one whose header says it is larger than MAX_IMAGE_PIXELS, before it is decoded."""
+    one whose header claims more than MAX_IMAGE_PIXELS: OpenCV refuses it before decoding
+    (agent/__init__.py sets its limit)."""
     if not os.path.isfile(path):
         return None
-    size = image_size(path)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        width, height = size
-        raise SourceError(f"cannot read image {path}: {width}x{height} is {width * height / 1e6:.0f} million pixels, "
-                          f"more than the {MAX_IMAGE_PIXELS // 1_000_000} million the agent decodes; a smaller "
-                          f"copy will do (faces need far fewer pixels)")
     try:
         return _read_image(path, flags)
     except cv2.error as exc:
-        if flags == cv2.IMREAD_REDUCED_GRAYSCALE_8:  # refused below 8 pixels a side: read it whole
-            return read_image(path, cv2.IMREAD_GRAYSCALE)
-        # Over OpenCV's pixel limit (MAX_IMAGE_PIXELS, set in agent/__init__.py), say: one line, as
-        # for any file it cannot read.
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
+            raise SourceError(f"cannot read image {path}: its header claims more than the "
+                              f"{MAX_IMAGE_PIXELS // 1_000_000} million pixels the agent decodes; a smaller "
+                              f"copy will do (faces need far fewer pixels)") from None
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "refused"
-        if "CV_IO_MAX_IMAGE_PIXELS" in reason:
-            reason = f"its header claims more than the {MAX_IMAGE_PIXELS // 1_000_000} million pixels the agent decodes"
         raise SourceError(f"cannot read image {path}: OpenCV refused it ({reason[-120:]})") from None
 
 
@@ -618,7 +611,9 @@ def _pipe_or_socket(path: Path) -> str | None:
 def check_file_source(kind: str, target: int | str) -> None:
     """SourceError unless an image or video file gives a frame: a file OpenCV opens can still hold
     none (a video of a header only), and a run on it would end at once, having done nothing."""
-    if kind == "image" and read_image(target, cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:  # cheap on a big photo
+    # Whole: at an eighth of its size (IMREAD_REDUCED_*) a JPEG meets OpenCV's pixel limit only at
+    # that size, and a progressive one's coefficients still take 1.2 GB at 20000x20000.
+    if kind == "image" and read_image(target, cv2.IMREAD_GRAYSCALE) is None:
         raise SourceError(f"cannot read image {target}: not an image file OpenCV can decode")
     if kind == "video":
         source = VideoFileSource(str(target))  # its own one line for a file OpenCV cannot open
