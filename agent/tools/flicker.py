@@ -251,7 +251,8 @@ def observe_video(path: str, detector, classifier, *, detect_interval_s: float =
             image = frame.image if rng is None else add_sensor_noise(frame.image, rng)
             if frame.timestamp - last_detect >= detect_interval_s - 1e-3:
                 detections, last_detect = detector.detect(image), frame.timestamp
-            scores = classifier.classify(image, [d.box for d in detections]) if detections else []
+            scores = (classifier.classify(image, [d.box for d in detections], [d.roll for d in detections])
+                      if detections else [])
             observed.append((frame.timestamp, [FaceObservation(d, s) for d, s in zip(detections, scores)]))
     finally:
         source.close()
