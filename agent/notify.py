@@ -1,16 +1,18 @@
 """systemd's sd_notify protocol, without a dependency: one datagram per state change.
 
 Contract with the daemon (deploy/emotion-agent.service is Type=notify with WatchdogSec=):
-- `ready()` once the first frame has been processed: until then systemd counts the start as
-  still going (TimeoutStartSec), so "started" means "really producing results".
+- `ready()` once the agent has started (config and models loaded, MQTT under way), before the
+  first frame: a camera not plugged in yet is the usual first install, and must not hold
+  `systemctl start` up to TimeoutStartSec and fail it. `status()` says where the camera is.
 - `watchdog()` only after a frame really was processed, never from a timer or another thread:
-  a hung camera or a stuck interpreter stops the pings and systemd restarts the service. The one
-  exception is the loop's own `camera.max_fps` rest after a frame, which pings as it waits: a
-  rest longer than WatchdogSec is the agent's choice, not a hang.
+  a hung camera or a stuck interpreter stops the pings and systemd restarts the service (as it
+  does a minute after READY=1 with no camera: the restart also gives the service a camera driver
+  loaded since). The one exception is the loop's own `camera.max_fps` rest after a frame, which
+  pings as it waits: a rest longer than WatchdogSec is the agent's choice, not a hang.
 - `stopping()` only when the process is about to exit: systemd takes STOPPING=1 as the start of
   the shutdown and kills the process TimeoutStopSec later if it is still there.
 - On a reload (SIGHUP): `reloading()` first, then `ready()` again once the new configuration has
-  processed a frame. Between the two, `stopping()` sends nothing: the old pipeline winding down
+  started. Between the two, `stopping()` sends nothing: the old pipeline winding down
   is not the process stopping.
 - `status(text)`: a line for `systemctl status`; sent only when it changes.
 
@@ -61,7 +63,7 @@ class SystemdNotifier:
 
     def ready(self) -> None:
         self._reloading = False
-        self._status = "processing frames"
+        self._status = "started"
         self._send(f"READY=1\nSTATUS={self._status}")
 
     def status(self, text: str) -> None:

@@ -297,6 +297,11 @@ class Agent:
         # The same for stats: the last run's would show its camera status and speed, `reconnecting`
         # after a watchdog restart, until the first stats of this run, a stats interval later.
         self._publish_stats()
+        # Started: config, models and MQTT are up. Not after the first frame: a camera not plugged
+        # in yet (a first install) held `systemctl start` for TimeoutStartSec, then failed it; the
+        # camera status says what comes next. None for a run stopped (or reloaded) before it began.
+        if not self._stop.is_set():
+            self.notifier.ready()
         window: payloads.SummaryWindow | None = None
         last_state_key = payloads.state_key([])
         next_summary = next_stats = None
@@ -368,7 +373,6 @@ class Agent:
             result.frames += 1
             result.next_index = frame.index + 1
             if result.frames == 1:
-                self.notifier.ready()
                 logger.info("first frame processed; running")
             self.notifier.status("processing frames")  # sent only when it changes
             self.notifier.watchdog()

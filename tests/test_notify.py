@@ -5,13 +5,14 @@ import time
 import pytest
 
 from agent.notify import SystemdNotifier, watchdog_interval
+from tests.conftest import wait_until
 
 
 def test_ready_status_and_watchdog_reach_the_socket(notify_socket):
     path, sock = notify_socket
     notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())})
     notifier.ready()
-    assert sock.recv(1024) == b"READY=1\nSTATUS=processing frames"
+    assert sock.recv(1024) == b"READY=1\nSTATUS=started"
     notifier.watchdog()
     assert sock.recv(1024) == b"WATCHDOG=1"
     notifier.watchdog()  # within half the interval: no second ping
@@ -98,7 +99,7 @@ def test_during_a_reload_stopping_is_not_sent_until_ready(notify_socket):
     notifier.ready()
     notifier.stopping()  # a real stop
     assert sock.recv(1024).startswith(b"RELOADING=1\n")
-    assert sock.recv(1024) == b"READY=1\nSTATUS=processing frames"
+    assert sock.recv(1024) == b"READY=1\nSTATUS=started"
     assert sock.recv(1024) == b"STOPPING=1"
 
 
@@ -115,31 +116,54 @@ def test_watchdog_interval_is_read_only_for_this_process(env, expected):
     assert watchdog_interval(env) == expected
 
 
-def test_the_agent_reports_ready_after_its_first_frame_and_pings_the_watchdog(notify_socket, broker, tmp_path):
-    import subprocess
-    import sys
+def _notifications(sock) -> list[str]:
+    """What the agent sends to `sock`, read all the while by a thread, as systemd does."""
     import threading
 
-    from tests.test_end_to_end import still_video
+    got: list[str] = []
 
-    path, sock = notify_socket
-    got = []
-
-    def read() -> None:  # as systemd does, all the while
+    def read() -> None:
         try:
             while True:
                 got.append(sock.recv(1024).decode())
         except OSError:
             pass
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    threading.Thread(target=read, daemon=True).start()
+    return got
+
+
+def test_the_agent_reports_ready_once_started_and_pings_the_watchdog_for_frames(notify_socket, broker, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_end_to_end import still_video
+
+    path, sock = notify_socket
+    got = _notifications(sock)
     video = still_video(tmp_path / "clip.avi", seconds=2)
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
     done = subprocess.run([sys.executable, "-m", "agent", "run", "--source", str(video), "--realtime",
                            "--mqtt-port", str(broker.port)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    reader.join(timeout=3)
-    assert got[0].startswith("READY=1")
+    wait_until(lambda: got and got[-1] == "STOPPING=1", timeout=3)
+    assert got[0] == "READY=1\nSTATUS=started"
     assert got.count("WATCHDOG=1") >= 10  # 2 s of frames, a ping every 0.1 s
-    assert got[-1] == "STOPPING=1"
+
+
+def test_the_agent_reports_ready_with_no_camera_plugged_in(notify_socket, broker, agent_process):
+    # READY=1 waited for the first frame: on a first install with the camera not there yet,
+    # `systemctl restart` in deploy/install.sh hung for TimeoutStartSec (120 s) and failed.
+    from tests.conftest import stop_agent
+
+    path, sock = notify_socket
+    got = _notifications(sock)
+    proc = agent_process("--source", "/dev/video99", "--mqtt-port", str(broker.port),
+                         env=dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="60000000"))
+    try:
+        wait_until(lambda: "STATUS=camera starting" in got or "STATUS=camera reconnecting" in got, timeout=60)
+        assert got[0] == "READY=1\nSTATUS=started"
+        assert "WATCHDOG=1" not in got  # no frame, no ping: a camera absent for a minute restarts the service
+    finally:
+        code, _, err = stop_agent(proc)
+    assert code == 0, err
