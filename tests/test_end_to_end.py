@@ -175,11 +175,23 @@ def test_bad_command_line_is_one_line_and_its_exit_status(tmp_path, smiling_phot
     assert "terminate called" not in done.stderr, "aborted instead of exiting"
 
 
+def free_display(first: int = 90 + os.getpid() % 500) -> int:
+    """A display number, from `first` on, that no X server has: no lock file, no socket file, and
+    nothing answers on its abstract socket or its TCP port."""
+    from agent.preview import x_display_problem
+
+    for number in range(first, first + 1000):
+        if (not Path(f"/tmp/.X{number}-lock").exists() and not Path(f"/tmp/.X11-unix/X{number}").exists()
+                and x_display_problem(f":{number}") and x_display_problem(f"localhost:{number}")):
+            return number
+    raise AssertionError(f"no free X display number from {first} to {first + 999}")
+
+
 @pytest.fixture
 def xvfb():
     if not shutil.which("Xvfb") or not shutil.which("xdotool"):
         pytest.fail("Xvfb and xdotool are needed for the preview test (apt-get install xvfb xdotool)")
-    display = f":{90 + os.getpid() % 500}"
+    display = f":{free_display()}"
     proc = subprocess.Popen(["Xvfb", display, "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     socket_path = Path(f"/tmp/.X11-unix/X{display[1:]}")
@@ -231,14 +243,17 @@ def test_real_video_runs_to_completion_with_events_and_summaries(broker, subscri
 
 @pytest.mark.parametrize("display, message", [
     (None, "DISPLAY is not set"),
-    (":77", "cannot reach DISPLAY=:77"),           # set, but no X server there: Qt would abort
-    ("localhost:78", "cannot reach DISPLAY=localhost:78"),
+    # Set, but no X server there: Qt would abort. A free number: with an X server on :77, as was
+    # taken for granted, the run waited 120 s for a window to be closed.
+    (":{free}", "cannot reach DISPLAY=:{free}"),
+    ("localhost:{free}", "cannot reach DISPLAY=localhost:{free}"),
     ("garbage", "is not a display name"),
 ])
 def test_show_on_an_unusable_display_is_one_clear_line(broker, smiling_photo, display, message):
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     if display:
-        env["DISPLAY"] = display
+        free = free_display(77)
+        env["DISPLAY"], message = display.format(free=free), message.format(free=free)
     done = run_agent(broker.port, smiling_photo, "--show", env=env)
     assert done.returncode == 6, done.stderr
     assert "needs a display" in done.stderr and message in done.stderr
@@ -259,7 +274,7 @@ def test_show_with_a_display_that_refuses_the_cookie_is_one_clear_line(broker, s
     server_auth, client_auth = tmp_path / "server.auth", tmp_path / "client.auth"
     _write_xauthority(server_auth, os.urandom(16))
     _write_xauthority(client_auth, os.urandom(16))
-    display = f":{600 + os.getpid() % 300}"
+    display = f":{free_display(600 + os.getpid() % 300)}"
     xvfb = subprocess.Popen(["Xvfb", display, "-auth", str(server_auth), "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -285,7 +300,7 @@ def test_the_display_check_accepts_a_live_x_server(xvfb):
     from agent.preview import x_display_problem
 
     assert x_display_problem(xvfb) is None
-    assert "cannot reach" in x_display_problem(":" + str(int(xvfb[1:]) + 1))
+    assert "cannot reach" in x_display_problem(f":{free_display(int(xvfb[1:]) + 1)}")
 
 
 def test_sigterm_ends_the_wait_for_an_absent_broker_after_a_file_run(agent_process, smiling_photo):
