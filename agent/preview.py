@@ -27,26 +27,72 @@ _COLOURS = {  # BGR
 }
 
 
+# Where the screen's size cannot be known, the window is at most this large.
+DEFAULT_MAX_WINDOW = (1280, 720)
+
+
+def label_font(width: int, height: int) -> tuple[float, int]:
+    """(font scale, thickness) of the labels on a `width` x `height` frame: 14 pixels high on a
+    frame of 360 lines or fewer, growing with a larger frame, so that they stay readable where
+    the window shows it smaller."""
+    scale = 0.6 * max(1.0, min(width, height) / 360)
+    return scale, max(1, round(1.6 * scale))
+
+
+def window_size(width: int, height: int, screen: tuple[int, int] | None) -> tuple[int, int]:
+    """The size to open the window at for a `width` x `height` frame: the frame's own, or smaller
+    at the same aspect ratio to fit 90 % of `screen` (its panels and the window's title bar take
+    the rest), or DEFAULT_MAX_WINDOW where the screen is unknown."""
+    limit = (int(screen[0] * 0.9), int(screen[1] * 0.9)) if screen else DEFAULT_MAX_WINDOW
+    factor = min(1.0, limit[0] / width, limit[1] / height)
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def screen_size() -> tuple[int, int] | None:
+    """The size of DISPLAY's default X screen, or None where it cannot be known. Through libX11,
+    which opencv-python's Qt loads for its window anyway."""
+    import ctypes
+
+    try:
+        x11 = ctypes.CDLL("libX11.so.6")
+    except OSError:
+        return None
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    for function in (x11.XDefaultScreen, x11.XCloseDisplay):
+        function.argtypes = [ctypes.c_void_p]
+    for function in (x11.XDisplayWidth, x11.XDisplayHeight):
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    display = x11.XOpenDisplay(None)
+    if not display:
+        return None
+    try:
+        screen = x11.XDefaultScreen(display)
+        return x11.XDisplayWidth(display, screen), x11.XDisplayHeight(display, screen)
+    finally:
+        x11.XCloseDisplay(display)
+
+
 def draw_overlay(image: np.ndarray, faces: Sequence[TrackedFace], fps: float) -> np.ndarray:
     """A copy of `image` with each face's box, id, emotion and confidence, and the frame rate."""
     canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
-    scale = max(0.4, min(canvas.shape[:2]) / 720)
-    thickness = max(1, round(2 * scale))
+    font, thickness = label_font(canvas.shape[1], canvas.shape[0])
+    pad = thickness + 2
     for face in faces:
         x, y, w, h = face.box.as_list()
         colour = _COLOURS.get(face.emotion, (255, 255, 255))
-        cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, thickness)
+        cv2.rectangle(canvas, (x, y), (x + w, y + h), colour, thickness + 1)
         label = f"#{face.face_id} {face.emotion} {face.confidence:.0%}"
-        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, thickness)
-        top = max(0, y - th - base - 4)
-        cv2.rectangle(canvas, (x, top), (x + tw + 4, top + th + base + 4), colour, cv2.FILLED)
-        cv2.putText(canvas, label, (x + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (0, 0, 0),
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font, thickness)
+        top = max(0, y - th - base - 2 * pad)
+        cv2.rectangle(canvas, (x, top), (x + tw + 2 * pad, top + th + base + 2 * pad), colour, cv2.FILLED)
+        cv2.putText(canvas, label, (x + pad, top + th + pad), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0),
                     thickness, cv2.LINE_AA)
     status = (f"{fps:.1f} fps   " if fps > 0 else "") + f"faces: {len(faces)}"
-    (tw, th), base = cv2.getTextSize(status, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, thickness)
+    (tw, th), base = cv2.getTextSize(status, cv2.FONT_HERSHEY_SIMPLEX, font, thickness)
     bottom = canvas.shape[0]
-    cv2.rectangle(canvas, (0, bottom - th - base - 12), (tw + 16, bottom), (0, 0, 0), cv2.FILLED)
-    cv2.putText(canvas, status, (8, bottom - base - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (0, 255, 0),
+    cv2.rectangle(canvas, (0, bottom - th - base - 4 * pad), (tw + 8 * pad, bottom), (0, 0, 0), cv2.FILLED)
+    cv2.putText(canvas, status, (4 * pad, bottom - base - 2 * pad), cv2.FONT_HERSHEY_SIMPLEX, font, (0, 255, 0),
                 thickness, cv2.LINE_AA)
     return canvas
 
@@ -134,8 +180,13 @@ class Preview:
                                f"opencv-python-headless has none): {reason}") from None
         self._opened = True
         self._seen_visible = False
+        self._screen = screen_size()
+        self._sized = False
 
     def show(self, image: np.ndarray, faces: Sequence[TrackedFace], fps: float, wait_ms: int = 1) -> bool:
+        if not self._sized:  # Qt opens a resizable window at 400x300, whatever the frame
+            cv2.resizeWindow(WINDOW, *window_size(image.shape[1], image.shape[0], self._screen))
+            self._sized = True
         cv2.imshow(WINDOW, draw_overlay(image, faces, fps))
         key = cv2.waitKey(wait_ms) & 0xFF
         if key in QUIT_KEYS:

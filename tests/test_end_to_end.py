@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import astronaut_bgr
+from tests.conftest import astronaut_bgr, wait_until
 
 PREFIX = "test/agent"
 
@@ -218,6 +218,12 @@ def test_preview_window_shows_the_photo_and_quits_on_q(broker, subscriber_factor
         window = found.stdout.split()[0] if found.stdout.split() else ""
         time.sleep(0.2)
     assert window, "the preview window never appeared"
+    # At the photo's size, which fits the 1024x768 screen (it opened at 400x300, the photo shrunk to fit).
+    def geometry() -> str:
+        return subprocess.run(["xdotool", "getwindowgeometry", window], env=env, capture_output=True,
+                              text=True).stdout
+
+    wait_until(lambda: "Geometry: 512x512" in geometry(), timeout=10)
     # The window stays open on a still image until the user quits.
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(timeout=1.0)
