@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 import cv2
 import numpy as np
 
+from agent import model_files
+from agent.config import ClassifierConfig
 from agent.errors import ModelError
 from agent.interpreter import dequantize, load_interpreter, quantize
 from agent.types import EMOTIONS, Box, EmotionScores
@@ -119,7 +121,8 @@ class TFLiteEmotionClassifier:
     interpreter whenever the number of faces changes.
     """
 
-    def __init__(self, model_path: Path | str, crop_margin: float = 0.1, threads: int = 1) -> None:
+    def __init__(self, model_path: Path | str, crop_margin: float = ClassifierConfig().crop_margin,
+                 threads: int = 1) -> None:
         self.model_path = Path(model_path)
         self.crop_margin = crop_margin
         self._interpreter = load_interpreter(self.model_path, threads)
@@ -184,3 +187,9 @@ class TFLiteEmotionClassifier:
         return [EmotionScores.from_array(self._run(resize_face(level_face(image, box, self.crop_margin, roll),
                                                                self.input_size)))
                 for box, roll in zip(boxes, rolls)]
+
+
+def make_classifier(settings: ClassifierConfig) -> TFLiteEmotionClassifier:
+    """The classifier the config's `classifier` section asks for."""
+    model = model_files.model_path(settings.model, model_files.DEFAULT_EMOTION_MODEL)
+    return TFLiteEmotionClassifier(model, settings.crop_margin, settings.threads)

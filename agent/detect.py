@@ -10,6 +10,8 @@ from typing import Any, NamedTuple, Protocol
 import cv2
 import numpy as np
 
+from agent import model_files
+from agent.config import DetectorConfig
 from agent.errors import ModelError
 from agent.interpreter import dequantize, load_interpreter, quantize
 from agent.types import Box, Detection
@@ -233,13 +235,13 @@ class HaarDetector:
         return [Detection(Box(float(x), float(y), float(w), float(h)), 1.0) for (x, y, w, h) in faces]
 
 
-def make_detector(kind: str, *, model_path: Path | str, score_threshold: float = 0.5, nms_iou: float = 0.3,
-                  threads: int = 1, haar_scale_factor: float = 1.3, haar_min_neighbors: int = 5,
-                  min_face_size: int = 24) -> FaceDetector:
-    """The configured detector. `min_face_size` (pixels of the frame) drops BlazeFace boxes narrower
-    than it and is the Haar cascade's smallest window."""
-    if kind == "blazeface":
-        return BlazeFaceDetector(model_path, score_threshold, nms_iou, threads, min_face_size)
-    if kind == "haar":
-        return HaarDetector(haar_scale_factor, haar_min_neighbors, min_face_size)
-    raise ModelError(f"unknown detector kind {kind!r} (expected blazeface or haar)")
+def make_detector(settings: DetectorConfig) -> FaceDetector:
+    """The detector the config's `detector` section asks for. Its min_face_size (pixels of the
+    frame) drops BlazeFace boxes narrower than it and is the Haar cascade's smallest window."""
+    if settings.kind == "blazeface":
+        model = model_files.model_path(settings.model, model_files.DEFAULT_DETECTOR_MODEL)
+        return BlazeFaceDetector(model, settings.score_threshold, settings.nms_iou, settings.threads,
+                                 settings.min_face_size)
+    if settings.kind == "haar":
+        return HaarDetector(settings.haar_scale_factor, settings.haar_min_neighbors, settings.min_face_size)
+    raise ModelError(f"unknown detector kind {settings.kind!r} (expected blazeface or haar)")

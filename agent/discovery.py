@@ -28,12 +28,9 @@ from agent import __version__
 from agent.config import default_topic_root
 from agent.mqtt import OFFLINE, ONLINE
 from agent.topics import EVENT_KINDS, Topics
-from agent.types import CAMERA_STATUSES, EMOTION_LABELS, UNCERTAIN
+from agent.types import CAMERA_STATUSES, NO_FACE, STATES, UNCERTAIN
 
-# What `payloads.dominant_emotion` can report besides an emotion label. Spelled out here rather
-# than imported so this module depends only on types, topics, config and the MQTT constants.
-NO_FACE = "none"
-STATES = EMOTION_LABELS + (UNCERTAIN,)
+# What `payloads.dominant_emotion` can report.
 DOMINANT_OPTIONS = STATES + (NO_FACE,)
 
 # Entity names are shown after the device name ("Emotion agent pi4 Happy faces"), so they name

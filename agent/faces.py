@@ -9,15 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from agent.config import SmoothingConfig, TrackingConfig
 from agent.events import EmotionChanged, Event, FaceAppeared, FaceLost, TrackedFace
-from agent.smoothing import EmotionSmoother, SmoothingParams
+from agent.smoothing import EmotionSmoother
 from agent.tracking import BoxTracker
-from agent.types import EMOTION_LABELS, UNCERTAIN, Box, EmotionScores, FaceObservation
-
-STATES: tuple[str, ...] = EMOTION_LABELS + (UNCERTAIN,)
-
-# The smoothing defaults (see SmoothingParams for the figures they were chosen by).
-_DEFAULTS = SmoothingParams()
+from agent.types import STATES, UNCERTAIN, Box, EmotionScores, FaceObservation
 
 
 @dataclass(slots=True)
@@ -51,13 +47,12 @@ class _Face:
 class FaceStateTracker:
     """Tracks faces, smooths each one's emotion, and reports what changed."""
 
-    def __init__(self, *, max_gap_s: float = 1.0, min_iou: float = 0.2,
-                 smoothing_window_s: float = _DEFAULTS.window_s, change_margin: float = _DEFAULTS.change_margin,
-                 dwell_s: float = _DEFAULTS.dwell_s, confidence_gate: float = _DEFAULTS.confidence_gate,
-                 first_id: int = 1):
-        self.params = SmoothingParams(window_s=smoothing_window_s, change_margin=change_margin, dwell_s=dwell_s,
-                                      confidence_gate=confidence_gate)
-        self._tracker = BoxTracker(max_gap_s=max_gap_s, min_iou=min_iou, first_id=first_id)
+    def __init__(self, tracking: TrackingConfig = TrackingConfig(), smoothing: SmoothingConfig = SmoothingConfig(),
+                 *, first_id: int = 1):
+        """`tracking` and `smoothing`: the config's sections (their defaults when not given);
+        `first_id`: the id of the first new face (a reloaded pipeline goes on from the last one's next_id)."""
+        self.params = smoothing
+        self._tracker = BoxTracker(tracking, first_id=first_id)
         self._faces: dict[int, _Face] = {}
 
     def update(self, now: float, observations: Sequence[FaceObservation]) -> tuple[list[TrackedFace], list[Event]]:

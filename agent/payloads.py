@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from agent.events import EmotionChanged, Event, FaceAppeared, FaceLost, TrackedFace
-from agent.types import EMOTION_LABELS, UNCERTAIN
+from agent.types import NO_FACE, STATES, UNCERTAIN
 
 SCHEMA_VERSION = 1
-STATES = EMOTION_LABELS + (UNCERTAIN,)
-NO_FACE = "none"
 
 
 def iso_time(epoch: float) -> str:

@@ -16,8 +16,7 @@ from typing import Callable, Sequence
 
 from agent import payloads
 from agent.capture import FrameSource, make_source
-from agent.classify import EmotionClassifier, TFLiteEmotionClassifier
-from agent.model_files import DEFAULT_DETECTOR_MODEL, DEFAULT_EMOTION_MODEL, model_path
+from agent.classify import EmotionClassifier, make_classifier
 from agent.config import PASSWORD_ENV, Config, client_id, hostname, read_password, topic_root
 from agent.detect import FaceDetector, make_detector
 from agent.detect_ahead import DetectAhead
@@ -42,24 +41,17 @@ PACE_SLICE_S = 1.0
 STATUS_STATS_MIN_S = 1.0
 
 
+# The stages from the whole config, each built from its own section (run, check-config, the tools).
 def make_detector_from(cfg: Config) -> FaceDetector:
-    d = cfg.detector
-    return make_detector(d.kind, model_path=model_path(d.model, DEFAULT_DETECTOR_MODEL),
-                         score_threshold=d.score_threshold, nms_iou=d.nms_iou, threads=d.threads,
-                         haar_scale_factor=d.haar_scale_factor, haar_min_neighbors=d.haar_min_neighbors,
-                         min_face_size=d.min_face_size)
+    return make_detector(cfg.detector)
 
 
 def make_classifier_from(cfg: Config) -> EmotionClassifier:
-    c = cfg.classifier
-    return TFLiteEmotionClassifier(model_path(c.model, DEFAULT_EMOTION_MODEL), crop_margin=c.crop_margin, threads=c.threads)
+    return make_classifier(cfg.classifier)
 
 
 def make_tracker_from(cfg: Config, first_id: int = 1) -> FaceStateTracker:
-    t, s = cfg.tracking, cfg.smoothing
-    return FaceStateTracker(max_gap_s=t.max_gap_s, min_iou=t.min_iou, smoothing_window_s=s.window_s,
-                            change_margin=s.change_margin, dwell_s=s.dwell_s, confidence_gate=s.confidence_gate,
-                            first_id=first_id)
+    return FaceStateTracker(cfg.tracking, cfg.smoothing, first_id=first_id)
 
 
 def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, bytes], None]) -> MqttPublisher:

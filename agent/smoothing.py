@@ -2,44 +2,21 @@
 
 Everything is in seconds, never in frames: the moving average weighs each new sample by the time
 since the previous one, and a change must hold for a dwell time, so a face behaves the same at 5
-and at 30 frames/s. Pure: every call takes `now`.
+and at 30 frames/s. Pure: every call takes `now`. The settings are the config's `smoothing`
+section (SmoothingConfig, where the defaults and the figures they were chosen by are).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
+from agent.config import SmoothingConfig
 from agent.types import EMOTION_LABELS, UNCERTAIN, EmotionScores
 
 # Slack for comparing times built from sums of frame intervals (0.1 + 0.2 != 0.3).
 _EPS = 1e-9
-
-
-@dataclass(frozen=True, slots=True)
-class SmoothingParams:
-    """The defaults were measured with `python -m agent.flicker` on the three videos in
-    ../shared/data/videos (BlazeFace + the int8 MiniXception, 30.2 face-seconds, 20 faces):
-    13.9 emitted changes per face-minute against 359.5 raw per-frame label changes (ratio 0.039;
-    0.143 keeping every 6th frame, ~5 fps); 58 spliced held expressions all got their event,
-    median 0.47 s, p90 0.96 s, max 1.04 s after the step (~5 fps: 34 of 34, max 1.68 s; with the
-    detector run every 0.1 s: ratio 0.031, 51 of 52, max 0.87 s, the miss a face torn between
-    angry and sad that left about a second after the step). The earlier 0.5/0.1/0.4/0.4 missed
-    22 of the 58 and took up to 1.42 s. (Counts of every pair of held windows; the tuning was
-    done when one window per other emotion was counted: 27 steps, 9 missed.) Single passes swing
-    with +-1 grey level of noise; pooled with four such passes (`--noise-runs 4`), detector on every
-    frame: 3 of 223 missed, p90 0.87 s; the earlier guess 58 of 220, p90 1.30 s. Neighbours (window 0.2-0.3,
-    dwell 0.25-0.3, margin 0-0.03, gate 0.25-0.3) do about as well; a margin of 0.05 or more
-    misses faces torn between two classes (angry 0.45 vs sad 0.35), a gate of 0.4 calls most
-    crowd faces "uncertain".
-    """
-
-    window_s: float = 0.25         # time constant of the moving average
-    change_margin: float = 0.03    # a new emotion must lead the emitted one by this much (probability)...
-    dwell_s: float = 0.25          # ...for this long before it is emitted
-    confidence_gate: float = 0.3   # below this top probability the state is "uncertain"
 
 
 def ema_weight(dt: float, window_s: float) -> float:
@@ -78,7 +55,7 @@ class ChangePolicy:
     shows no one emotion, and keeping a label whose probability has collapsed would be wrong.
     """
 
-    def __init__(self, params: SmoothingParams, now: float):
+    def __init__(self, params: SmoothingConfig, now: float):
         self.params = params
         self.state = UNCERTAIN
         self.since = now
@@ -131,7 +108,7 @@ class ChangePolicy:
 class EmotionSmoother:
     """One face's smoothed scores and emitted state."""
 
-    def __init__(self, params: SmoothingParams, now: float):
+    def __init__(self, params: SmoothingConfig, now: float):
         self.average = TimeWeightedAverage(params.window_s)
         self.policy = ChangePolicy(params, now)
 

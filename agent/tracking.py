@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from agent.config import TrackingConfig
 from agent.types import Box
 
 # A pair that may not be matched costs this much: the assignment first maximises the number of
@@ -105,11 +106,12 @@ def min_cost_assignment(cost: Sequence[Sequence[float]]) -> list[tuple[int, int]
 class BoxTracker:
     """Assigns a stable id to each face box, frame after frame."""
 
-    def __init__(self, *, max_gap_s: float = 1.0, min_iou: float = 0.2, max_center_distance: float = 0.5,
+    def __init__(self, settings: TrackingConfig = TrackingConfig(), *, max_center_distance: float = 0.5,
                  max_size_ratio: float = 1.4, velocity_window_s: float = 0.25, first_id: int = 1):
         """
-        max_gap_s: a track unseen for longer than this is lost.
-        min_iou: a box matches a track if it overlaps the track's predicted box at least this much...
+        settings: the config's `tracking` section. Its max_gap_s: a track unseen for longer than this
+            is lost. Its min_iou: a box matches a track if it overlaps the track's predicted box at
+            least this much...
         max_center_distance: ...or if their centres are this close, in box sizes (detector jitter on small faces;
             more for a track unseen for a while, up to twice this).
         max_size_ratio: ...and if its size (sqrt of area) is within this factor of the track's, allowing
@@ -118,8 +120,8 @@ class BoxTracker:
         velocity_window_s: time constant of the velocity estimate's moving average.
         first_id: the id of the first new track (a reloaded pipeline goes on from the last one's next_id).
         """
-        self.max_gap_s = max_gap_s
-        self.min_iou = min_iou
+        self.max_gap_s = settings.max_gap_s
+        self.min_iou = settings.min_iou
         self.max_center_distance = max_center_distance
         self.max_size_ratio = max_size_ratio
         self.velocity_window_s = velocity_window_s

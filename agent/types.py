@@ -27,6 +27,10 @@ class Emotion(enum.IntEnum):
 EMOTIONS: tuple[Emotion, ...] = tuple(Emotion)
 EMOTION_LABELS: tuple[str, ...] = tuple(e.label for e in Emotion)
 UNCERTAIN = "uncertain"
+# What a face's emitted emotion can be: an emotion, or uncertain (the smoother's confidence gate).
+STATES: tuple[str, ...] = EMOTION_LABELS + (UNCERTAIN,)
+# The dominant emotion of the state and summary payloads when no face is in view.
+NO_FACE = "none"
 
 # What a frame source says of itself (`FrameSource.status`): the stats' `camera` field and the
 # options of Home Assistant's Camera sensor, which rejects a state that is not among them.

@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.config import DetectorConfig
 from agent.model_files import default_model_path
 from agent.detect import BlazeFaceDetector, HaarDetector, make_detector, ssd_anchor_centres, weighted_nms
 from agent.errors import ModelError
@@ -27,7 +28,8 @@ def blazeface(request):
 @pytest.mark.parametrize("photo, face", [("astronaut", ASTRONAUT_FACE), ("hopper", HOPPER_FACE)])
 def test_each_detector_finds_the_one_face_in_a_portrait(detector_kind, model, photo, face):
     image = astronaut_bgr() if photo == "astronaut" else cv2.imread(str(grace_hopper_path()))
-    detector = make_detector(detector_kind, model_path=model, min_face_size=24)
+    detector = make_detector(DetectorConfig(kind=detector_kind, model=str(model) if detector_kind == "blazeface" else None,
+                                            min_face_size=24))
     found = detector.detect(image)
     assert len(found) == 1
     assert found[0].box.iou(face) >= 0.5, found[0].box

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agent.config import TrackingConfig
 from agent.events import EmotionChanged, FaceAppeared, FaceLost
-from agent.faces import STATES, FaceStateTracker
-from agent.types import EMOTION_LABELS, UNCERTAIN, Box, Detection, EmotionScores, FaceObservation
+from agent.faces import FaceStateTracker
+from agent.types import EMOTION_LABELS, STATES, UNCERTAIN, Box, Detection, EmotionScores, FaceObservation
 
 
 def probs(label: str, p: float = 0.8) -> np.ndarray:
@@ -47,7 +48,7 @@ def test_face_appears_before_its_first_emotion_change():
 
 
 def test_face_missing_for_less_than_the_gap_keeps_its_id_without_events():
-    tracker = FaceStateTracker(max_gap_s=1.0)
+    tracker = FaceStateTracker(TrackingConfig(max_gap_s=1.0))
     happy = probs("happy")
     run(tracker, [(t, [obs(200, 200, happy)]) for t in times(10, 2.0)])
     gap = [(t, []) for t in times(10, 0.7, start=2.1)]
@@ -61,7 +62,7 @@ def test_face_missing_for_less_than_the_gap_keeps_its_id_without_events():
 
 
 def test_face_missing_for_longer_than_the_gap_is_lost_then_appears_with_a_new_id():
-    tracker = FaceStateTracker(max_gap_s=1.0)
+    tracker = FaceStateTracker(TrackingConfig(max_gap_s=1.0))
     run(tracker, [(t, [obs(200, 200, probs("happy"))]) for t in times(10, 2.0)])
     gap_events = run(tracker, [(t, []) for t in times(10, 1.5, start=2.1)])
     assert [(type(e), e.face_id) for e in gap_events] == [(FaceLost, 1)]
@@ -71,7 +72,7 @@ def test_face_missing_for_longer_than_the_gap_is_lost_then_appears_with_a_new_id
 
 
 def test_loss_and_new_face_in_one_frame_come_in_that_order():
-    tracker = FaceStateTracker(max_gap_s=1.0)
+    tracker = FaceStateTracker(TrackingConfig(max_gap_s=1.0))
     tracker.update(0.0, [obs(200, 200, probs("happy"))])
     tracker.update(0.5, [])
     events = tracker.update(1.5, [obs(200, 200, probs("happy"))])[1]
@@ -235,7 +236,7 @@ def test_defaults_meet_the_flicker_and_delay_bar_on_real_video(shared_data):
     from agent.model_files import default_model_path
 
     cfg = load_config(None, {"detector.interval_s": 0})
-    detector = make_detector("blazeface", model_path=default_model_path("face_detection_full_range.tflite"))
+    detector = make_detector(cfg.detector)  # the bundled face_detection_full_range.tflite
     classifier = TFLiteEmotionClassifier(default_model_path())
     videos = [str(shared_data / "videos" / f"{name}.mp4") for name in ("hamilton_640x360", "crowd_1920x1080",
                                                                         "phone_smile")]

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from agent.smoothing import ChangePolicy, EmotionSmoother, SmoothingParams, TimeWeightedAverage, ema_weight
+from agent.config import SmoothingConfig
+from agent.smoothing import ChangePolicy, EmotionSmoother, TimeWeightedAverage, ema_weight
 from agent.types import EMOTION_LABELS, UNCERTAIN, EmotionScores
 
-PARAMS = SmoothingParams(window_s=0.5, change_margin=0.1, dwell_s=0.4, confidence_gate=0.4)
+PARAMS = SmoothingConfig(window_s=0.5, change_margin=0.1, dwell_s=0.4, confidence_gate=0.4)
 
 
 def probs(label: str, p: float = 0.8) -> np.ndarray:

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from agent.config import TrackingConfig
 from agent.tracking import BoxTracker, min_cost_assignment
 from agent.types import Box
 
@@ -79,7 +80,7 @@ def test_a_fast_walker_at_a_low_frame_rate_keeps_its_id_from_its_second_frame():
 
 
 def test_face_missing_for_less_than_the_gap_keeps_its_id():
-    tracker = BoxTracker(max_gap_s=1.0)
+    tracker = BoxTracker(TrackingConfig(max_gap_s=1.0))
     assert tracker.update(0.0, [face(100, 100)]).ids == (1,)
     step = tracker.update(0.5, [])
     assert step.coasting == (1,) and step.lost == ()
@@ -88,7 +89,7 @@ def test_face_missing_for_less_than_the_gap_keeps_its_id():
 
 
 def test_face_missing_for_longer_than_the_gap_is_lost_and_comes_back_with_a_new_id():
-    tracker = BoxTracker(max_gap_s=1.0)
+    tracker = BoxTracker(TrackingConfig(max_gap_s=1.0))
     tracker.update(0.0, [face(100, 100)])
     assert tracker.update(0.6, []).coasting == (1,)
     step = tracker.update(1.2, [face(100, 100)])
@@ -98,7 +99,7 @@ def test_face_missing_for_longer_than_the_gap_is_lost_and_comes_back_with_a_new_
 
 @pytest.mark.parametrize("interval", [1.0, 1.3, 5.0])
 def test_at_a_frame_rate_slower_than_the_gap_a_face_seen_in_every_frame_keeps_its_id(interval):
-    tracker = BoxTracker(max_gap_s=1.0)
+    tracker = BoxTracker(TrackingConfig(max_gap_s=1.0))
     for k in range(6):
         step = tracker.update(k * interval, [face(100 + k, 100)])
         assert step.ids == (1,) and step.lost == ()
@@ -107,7 +108,7 @@ def test_at_a_frame_rate_slower_than_the_gap_a_face_seen_in_every_frame_keeps_it
 
 
 def test_track_is_lost_on_the_first_frame_past_the_gap_even_without_detections():
-    tracker = BoxTracker(max_gap_s=1.0)
+    tracker = BoxTracker(TrackingConfig(max_gap_s=1.0))
     tracker.update(0.0, [face(100, 100)])
     assert tracker.update(1.0, []).lost == ()
     assert tracker.update(1.1, []).lost == (1,)
@@ -145,7 +146,7 @@ def test_a_face_walking_up_to_the_camera_keeps_its_id(fps):
 
 
 def test_ids_are_never_reused():
-    tracker = BoxTracker(max_gap_s=0.5)
+    tracker = BoxTracker(TrackingConfig(max_gap_s=0.5))
     seen = []
     for k in range(4):
         seen += tracker.update(k * 1.0, [face(100, 100)]).ids
@@ -175,7 +176,7 @@ def test_jittery_small_faces_keep_their_ids():
 def test_expire_drops_only_the_tracks_unseen_for_longer_than_the_gap():
     # No frame comes (a camera outage): update() would give each track one more frame to be
     # matched in, expire() does not, and a face seen afterwards at the same place is a new one.
-    tracker = BoxTracker(max_gap_s=1.0)
+    tracker = BoxTracker(TrackingConfig(max_gap_s=1.0))
     first = tracker.update(0.0, [Box(100, 100, 50, 50)]).ids[0]
     second = tracker.update(0.8, [Box(300, 100, 50, 50)]).new[0]
     assert tracker.expire(1.5) == (first,)
