@@ -10,6 +10,7 @@ line: `FILE:LINE: key.path: reason`. `check-config` and `run` both call it.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import socket
@@ -308,8 +309,8 @@ class MqttConfig(Section):
         "or auto: 5, and 3.1.1 from then on if the broker does not speak 5 (mosquitto before 1.6, RabbitMQ before "
         "3.13).")
     client_id: ClientId | None = Field(
-        None, description="MQTT client id (null: emotion-agent-<hostname>, followed by the topic root when "
-        "topic_prefix is not the default).")
+        None, description="MQTT client id (null: emotion-agent-<hostname>, followed, when topic_prefix is not the "
+        "default, by the topic root and a short hash of it).")
     topic_prefix: Topic = Field(DEFAULT_TOPIC_PREFIX, description="Root of every topic; {hostname} is replaced.")
     qos: int = Field(1, ge=0, le=2, description="QoS of events and state (0, 1 or 2).")
     keepalive_s: int = Field(30, ge=5, le=65535,
@@ -739,18 +740,25 @@ def default_topic_root(host: str) -> str:
     return DEFAULT_TOPIC_PREFIX.replace("{hostname}", host)
 
 
+def short_hash(text: str) -> str:
+    """8 hex digits of `text`'s SHA-256: what tells apart two names that read alike once made safe."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
 def client_id(cfg: MqttConfig) -> str:
-    """The configured id, or emotion-agent-<hostname>, plus the topic root when it is not the default:
-    two agents on one host, told apart by their topic prefixes, must not share an id (the broker
-    would keep disconnecting one of them) nor, since the discovery node id comes from it, Home
-    Assistant entities."""
+    """The configured id, or emotion-agent-<hostname>; with a topic root other than the default,
+    followed by the root made safe and a short hash of the root as it is. Two agents on one host,
+    told apart by their topic prefixes, must not share an id (the broker would keep disconnecting
+    one of them) nor, since the discovery node id comes from it, a Home Assistant device; and
+    `door/cam` and `door-cam` read alike once made safe."""
     if cfg.client_id:
         return cfg.client_id
     base = f"emotion-agent-{hostname()}"
     root = topic_root(cfg)
     if root == default_topic_root(hostname()):
         return base
-    return f"{base}-{re.sub(r'[^A-Za-z0-9_-]', '_', root.replace('/', '-'))}"
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", root.replace("/", "-"))[:64]
+    return f"{base}-{safe}-{short_hash(root)}"
 
 
 def read_password(cfg: MqttConfig) -> str | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.config import default_topic_root
+from agent.config import default_topic_root, short_hash
 from agent.mqtt import OFFLINE, ONLINE
 from agent.topics import EVENT_KINDS, Topics
 from agent.types import CAMERA_STATUSES, NO_FACE, STATES, UNCERTAIN
@@ -75,7 +75,11 @@ def device_name_for(host: str, root: str) -> str:
 
 
 def node_id_for(client_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", client_id)
+    """The client id as a topic-safe node id (HA's device identifier, and a level of each discovery
+    topic): as it is when it is already safe (the default client id always is); else made safe and
+    followed by a short hash of it, so that `a b` and `a_b` stay two devices."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", client_id)
+    return safe if safe == client_id else f"{safe}_{short_hash(client_id)}"
 
 
 def birth_topic(prefix: str) -> str:

@@ -361,6 +361,29 @@ def test_two_agents_on_one_host_are_two_devices_with_names_and_entity_ids_of_the
     assert f"sensor.emotion_agent_{slug(host)}_kitchen_dominant_emotion" in ha_entity_ids(kitchen)
 
 
+@pytest.mark.parametrize("first, second", [("door/cam", "door-cam"), ("a b", "a_b")])
+def test_topic_prefixes_that_read_alike_once_made_safe_are_two_devices(first, second):
+    # Both agents were one Home Assistant device (one identifier, one set of unique_ids): each
+    # agent's discovery overwrote the other's.
+    from agent.config import load_config
+    from agent.pipeline import discovery_settings
+
+    one, two = (discovery_settings(load_config(None, {"mqtt.topic_prefix": p})) for p in (first, second))
+    assert one.node_id != two.node_id
+    assert not {p["unique_id"] for _, p in discovery.discovery_messages(one)} & \
+        {p["unique_id"] for _, p in discovery.discovery_messages(two)}
+
+
+@pytest.mark.parametrize("client_id", ["emotion-agent-pi4", "kitchen_cam-2"])
+def test_a_client_id_that_is_already_topic_safe_is_the_node_id_as_it_is(client_id):
+    assert discovery.node_id_for(client_id) == client_id  # the devices HA knows keep their identifiers
+
+
+def test_configured_client_ids_that_read_alike_once_made_safe_are_two_devices():
+    ids = {discovery.node_id_for(c) for c in ("a b", "a_b", "a/b", "a+b")}
+    assert len(ids) == 4 and all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in ids)
+
+
 def test_no_entity_name_repeats_the_device_name(published):
     # HA prefixes every MQTT entity's name with its device's (has_entity_name, HA 2023.8); a name
     # equal to or starting with the device name is flagged by HA and shown twice.
@@ -561,12 +584,13 @@ def test_the_validator_requires_a_state_topic_and_event_types():
 
 @pytest.mark.parametrize("client_id,node_id", [
     ("emotion-agent-pi4", "emotion-agent-pi4"),
-    ("emotion agent/pi4.local", "emotion_agent_pi4_local"),
-    ("kamera-küche#1", "kamera-k_che_1"),
+    ("emotion agent/pi4.local", "emotion_agent_pi4_local_"),  # and a hash of the client id
+    ("kamera-küche#1", "kamera-k_che_1_"),
 ])
 def test_node_ids_keep_only_the_characters_a_discovery_topic_allows(client_id, node_id):
-    assert discovery.node_id_for(client_id) == node_id
-    assert re.fullmatch(r"[a-zA-Z0-9_-]+", node_id)
+    made = discovery.node_id_for(client_id)
+    assert made == node_id or re.fullmatch(re.escape(node_id) + "[0-9a-f]{8}", made)
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", made)
 
 
 def test_home_assistants_birth_topic_is_status_under_the_prefix():
