@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import typing
+import unicodedata
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -130,8 +131,20 @@ def _mqtt_text(value: str | None) -> str | None:
     return value
 
 
+def _invisible(text: str) -> str | None:
+    """The first character of `text` that shows as nothing or as a blank other than the space
+    (a zero-width space, a non-breaking space, a byte-order mark), as `U+XXXX NAME`."""
+    for char in text:
+        category = unicodedata.category(char)
+        if category in ("Cf", "Co", "Cn", "Cs", "Zl", "Zp") or (category == "Zs" and char != " "):
+            return f"U+{ord(char):04X} {unicodedata.name(char, '')}".rstrip()
+    return None
+
+
 def _topic_levels(topic: str) -> str:
-    """Topic levels MQTT lets a client publish under: no wildcard, no leading or trailing '/'."""
+    """A topic prefix that names the topics the user sees: no wildcard, no empty level, no level
+    with blanks around it, nothing invisible (`" kitchen "` and `kitchen\\u200b` published to topics
+    no subscription written by hand matches)."""
     if not topic or any(c in topic for c in "#+\0") or topic.startswith("/") or topic.endswith("/"):
         raise ValueError(f"expected topic levels without wildcards or leading/trailing '/', got {_shown(topic)}")
     if topic.startswith("$"):
@@ -139,6 +152,13 @@ def _topic_levels(topic: str) -> str:
                          f"got {_shown(topic)}")
     if len(topic.encode()) > 1024:
         raise ValueError(f"too long: {len(topic.encode())} bytes, expected at most 1024")
+    if "//" in topic:
+        raise ValueError(f"has an empty topic level ('//'), got {_shown(topic)}")
+    if any(level != level.strip() for level in topic.split("/")):
+        raise ValueError(f"a topic level starts or ends with a blank, got {_shown(topic)}; remove the blanks")
+    invisible = _invisible(topic)
+    if invisible:
+        raise ValueError(f"contains an invisible character ({invisible}), got {_shown(topic)}")
     return topic
 
 

@@ -168,6 +168,21 @@ BAD_CONFIGS = [
                                            "'rtsp://u:***@cam:99999/x'"),
     ("source: 'rtsp://cam:0/x'\n", "source: the stream URL's port must be a number from 1 to 65535"),
     ("source: 'rtsp://u:p@[::1/x'\n", "source: not a valid stream URL (Invalid IPv6 URL): 'rtsp://***@[::1/x'"),
+    # Topic prefixes that passed and published to topics no subscription written by hand matches.
+    ('mqtt:\n  topic_prefix: " kitchen "\n', "config.yaml:2: mqtt.topic_prefix: a topic level starts or ends with "
+                                            "a blank, got ' kitchen '"),
+    ("mqtt:\n  topic_prefix: 'home/ kitchen'\n", "config.yaml:2: mqtt.topic_prefix: a topic level starts or ends "
+                                                "with a blank"),
+    ('mqtt:\n  topic_prefix: "kitchen\\u200b"\n', "config.yaml:2: mqtt.topic_prefix: contains an invisible "
+                                                 "character (U+200B ZERO WIDTH SPACE), got 'kitchen\\u200b'"),
+    ('mqtt:\n  topic_prefix: "kitchen\\u00a0cam"\n', "mqtt.topic_prefix: contains an invisible character (U+00A0 "
+                                                    "NO-BREAK SPACE)"),
+    ('mqtt:\n  topic_prefix: "\\ufeffkitchen"\n', "mqtt.topic_prefix: contains an invisible character (U+FEFF"),
+    ('mqtt:\n  topic_prefix: "kitchen\\tcam"\n', "mqtt.topic_prefix: contains a control character (U+0009)"),
+    ("mqtt:\n  topic_prefix: 'home//kitchen'\n", "config.yaml:2: mqtt.topic_prefix: has an empty topic level ('//')"),
+    ("mqtt:\n  topic_prefix: 'home/+/kitchen'\n", "mqtt.topic_prefix: expected topic levels without wildcards"),
+    ('mqtt:\n  discovery:\n    prefix: " homeassistant"\n', "config.yaml:3: mqtt.discovery.prefix: a topic level "
+                                                          "starts or ends with a blank"),
     ("mqtt:\n  topic_prefix: no\n", "mqtt.topic_prefix: expected a string, got False (YAML reads a plain yes, no, "
                                     "on or off as true or false: quote it)"),
 ]
@@ -271,6 +286,11 @@ def test_topic_prefixes_that_read_alike_once_made_safe_get_different_client_ids(
 def test_a_long_topic_root_still_gives_a_client_id_a_broker_takes():
     cid = client_id(load_config(None, {"mqtt.topic_prefix": "t" * 1000}).mqtt)
     assert len(cid.encode()) <= 256
+
+
+@pytest.mark.parametrize("prefix", ["living room/cam", "küche/kamera", "emotion-agent/{hostname}-kitchen", "a/b/c"])
+def test_topic_prefixes_with_inner_blanks_and_letters_of_any_language_are_accepted(prefix):
+    assert load_config(None, {"mqtt.topic_prefix": prefix}).mqtt.topic_prefix == prefix
 
 
 @pytest.mark.parametrize("written, protocol", [("5", "5"), ("'5'", "5"), ("'3.1.1'", "3.1.1"), ("3.1.1", "3.1.1"),
