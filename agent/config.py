@@ -181,6 +181,8 @@ class Section(BaseModel):
 
 
 class CameraConfig(Section):
+    enabled: bool = Field(True, description="Analysis on (true) or off (false); while the agent runs, its MQTT "
+                          "switch takes precedence.")
     width: int | None = Field(None, ge=16, le=16384,
                               description="Requested capture width in pixels (null: the camera's default).")
     height: int | None = Field(None, ge=16, le=16384,

@@ -183,6 +183,8 @@ BAD_CONFIGS = [
     ("mqtt:\n  topic_prefix: 'home/+/kitchen'\n", "mqtt.topic_prefix: expected topic levels without wildcards"),
     ('mqtt:\n  discovery:\n    prefix: " homeassistant"\n', "config.yaml:3: mqtt.discovery.prefix: a topic level "
                                                           "starts or ends with a blank"),
+    ("camera:\n  enabled: 'off'\n", "config.yaml:2: camera.enabled: expected true or false, got 'off'"),
+    ("camera:\n  enabled: 0\n", "camera.enabled: expected true or false, got 0"),
     ("mqtt:\n  topic_prefix: no\n", "mqtt.topic_prefix: expected a string, got False (YAML reads a plain yes, no, "
                                     "on or off as true or false: quote it)"),
 ]
@@ -286,6 +288,13 @@ def test_topic_prefixes_that_read_alike_once_made_safe_get_different_client_ids(
 def test_a_long_topic_root_still_gives_a_client_id_a_broker_takes():
     cid = client_id(load_config(None, {"mqtt.topic_prefix": "t" * 1000}).mqtt)
     assert len(cid.encode()) <= 256
+
+
+@pytest.mark.parametrize("written, enabled", [("true", True), ("false", False), ("off", False), ("on", True),
+                                              ("no", False), ("yes", True)])
+def test_camera_enabled_takes_yaml_booleans_as_every_switch_does(tmp_path, written, enabled):
+    assert load_config(write(tmp_path, f"camera:\n  enabled: {written}\n")).camera.enabled is enabled
+    assert load_config(None).camera.enabled is True
 
 
 @pytest.mark.parametrize("prefix", ["living room/cam", "küche/kamera", "emotion-agent/{hostname}-kitchen", "a/b/c"])
