@@ -53,7 +53,7 @@ FLOAT32_MAX_ABS_DIFF = 1e-4
 INT8_MAX_ACCURACY_DROP = 0.005
 INT8_MIN_TOP1_AGREEMENT = 0.9
 
-DEFAULT_CHECK_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013" / "publictest"
+DEFAULT_CHECK_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "fer2013" / "publictest"
 
 
 def sha256(path: Path) -> str:

@@ -45,7 +45,7 @@ FLOAT_LAYERS = r".*(classifier|regressor)_face_4"
 CROPS_PER_PHOTO = 12
 SEED = 0
 
-DEFAULT_CALIBRATION_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "photos" / "groups"
+DEFAULT_CALIBRATION_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "photos" / "groups"
 
 
 def _schema():
