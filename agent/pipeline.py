@@ -24,7 +24,7 @@ from agent.discovery import (DiscoverySettings, birth_topic, device_name_for, di
                              expire_after_for, node_id_for)
 from agent.events import Event, TrackedFace
 from agent.faces import FaceStateTracker
-from agent.mqtt import BrokerSettings, Message, MqttPublisher, Publisher
+from agent.mqtt import BrokerSettings, Callback, Message, MqttPublisher, Publisher
 from agent.notify import SystemdNotifier
 from agent.signal_event import SignalSafeEvent
 from agent.stats import StageTimes, Stopwatch
@@ -54,7 +54,7 @@ def make_tracker_from(cfg: Config, first_id: int = 1) -> FaceStateTracker:
     return FaceStateTracker(cfg.tracking, cfg.smoothing, first_id=first_id)
 
 
-def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, bytes], None]) -> MqttPublisher:
+def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callback) -> MqttPublisher:
     m = cfg.mqtt
     if m.username is None and os.environ.get(PASSWORD_ENV):
         logger.warning("%s is set but mqtt.username is not: connecting without credentials", PASSWORD_ENV)
@@ -65,8 +65,10 @@ def make_publisher_from(cfg: Config, topics: Topics, on_birth: Callable[[str, by
         tls=m.tls.enabled, ca_file=m.tls.ca_file, cert_file=m.tls.cert_file, key_file=m.tls.key_file,
         tls_insecure=m.tls.insecure, queue_size=m.queue_size, reconnect_min_s=m.reconnect_min_s,
         reconnect_max_s=m.reconnect_max_s)
-    subscriptions = {birth_topic(m.discovery.prefix): on_birth} if m.discovery.enabled else {}
-    return MqttPublisher(settings, subscriptions=subscriptions)
+    publisher = MqttPublisher(settings)
+    if m.discovery.enabled:
+        publisher.subscribe(birth_topic(m.discovery.prefix), on_birth)
+    return publisher
 
 
 def discovery_settings(cfg: Config) -> DiscoverySettings | None:
@@ -188,8 +190,7 @@ class Agent:
             "dropped_frames": self.source.dropped(),
             "corrupt_frames": self.source.corrupt(),
             "camera": self.source.status(),
-            "mqtt": {"dropped": getattr(pub, "dropped", 0), "refused": getattr(pub, "refused", 0),
-                     "pending": pub.pending() if hasattr(pub, "pending") else 0, "connects": getattr(pub, "connects", 0)},
+            "mqtt": {"dropped": pub.dropped, "refused": pub.refused, "pending": pub.pending(), "connects": pub.connects},
         }
 
     def publish_discovery(self) -> None:
@@ -419,7 +420,7 @@ def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop
         raise
     holder: dict[str, Agent] = {}
 
-    def on_birth(topic: str, payload: bytes) -> None:
+    def on_birth(topic: str, payload: bytes, retained: bool) -> None:
         agent = holder.get("agent")
         if agent is not None and payload.strip().lower() == b"online":
             logger.info("Home Assistant came online: re-sending discovery and state")

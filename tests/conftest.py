@@ -90,7 +90,15 @@ def _started_broker(tmp_path, persistent: bool = False):
 
 @pytest.fixture
 def broker(tmp_path):
+    """A mosquitto of the test's own, which it may stop, start, freeze or kill."""
     yield from _started_broker(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shared_broker(tmp_path_factory):
+    """A mosquitto that the tests of a module share: for tests that leave it running and use client
+    ids and topics of their own (what an earlier test left retained is still there)."""
+    yield from _started_broker(tmp_path_factory.mktemp("shared-broker"))
 
 
 @pytest.fixture
@@ -158,28 +166,34 @@ def _dynamic_security(workdir: Path, users: dict[str, str], allow: list[tuple[st
     return f"plugin {plugins[0]}\nplugin_opt_config_file {config}\n"
 
 
-@pytest.fixture
-def restricted_broker(tmp_path):
+@pytest.fixture(scope="module")
+def restricted_broker(tmp_path_factory):
     """Starts a mosquitto that admits only `users` (name: password), each held to `acl`, with `extra`
     config lines besides (message_size_limit, max_packet_size); it logs every PUBLISH, taken or
-    denied. Stopped after the test. `acl` is an ACL file's text, or dynamic security's allowed
-    (acltype, topic) pairs, everything else denied: `[("publishClientSend", "test/#")]`. Only the
-    latter refuses a SUBSCRIBE in the SUBACK: mosquitto 2.0 grants every subscription under an ACL
-    file, and checks it only as it delivers a message."""
-    made = []
+    denied. `acl` is an ACL file's text, or dynamic security's allowed (acltype, topic) pairs,
+    everything else denied: `[("publishClientSend", "test/#")]`. Only the latter refuses a SUBSCRIBE
+    in the SUBACK: mosquitto 2.0 grants every subscription under an ACL file, and checks it only as
+    it delivers a message. The tests of a module that ask for the same broker share it (started
+    again if a test stopped it); all are stopped after the module."""
+    made: dict[str, Broker] = {}
 
     def make(users: dict[str, str], acl: str | list[tuple[str, str]], extra: str = "") -> Broker:
-        workdir = tmp_path / f"broker{len(made)}"
-        workdir.mkdir()
+        key = repr((sorted(users.items()), acl, extra))
+        if key in made:
+            broker = made[key]
+            if broker.process is None:
+                broker.start()
+            return broker
+        workdir = tmp_path_factory.mktemp("restricted-broker")
         auth = _acl_file(workdir, users, acl) if isinstance(acl, str) else _dynamic_security(workdir, users, acl)
         port = free_port()
         broker = Broker(workdir, port=port, extra_config=f"listener {port} 127.0.0.1\n{auth}log_type all\n{extra}")
-        made.append(broker)
+        made[key] = broker
         broker.start()
         return broker
 
     yield make
-    for broker in made:
+    for broker in made.values():
         broker.stop()
 
 
@@ -289,11 +303,14 @@ def subscriber_factory():
 
 @pytest.fixture
 def publishers():
-    """Starts MQTT publishers with the given settings (and MqttPublisher's keywords); closed after the test."""
+    """Starts MQTT publishers with the given settings, subscribed to `subscriptions` (topic: callback);
+    closed after the test."""
     made: list[MqttPublisher] = []
 
-    def make(settings: BrokerSettings, **kwargs) -> MqttPublisher:
-        pub = MqttPublisher(settings, **kwargs)
+    def make(settings: BrokerSettings, subscriptions: dict | None = None) -> MqttPublisher:
+        pub = MqttPublisher(settings)
+        for topic, callback in (subscriptions or {}).items():
+            pub.subscribe(topic, callback)
         made.append(pub)
         pub.start()
         return pub
