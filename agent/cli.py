@@ -246,9 +246,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             logger.warning("stopping with %d message(s) the broker has not acknowledged", undelivered)
             return 0
         if not delivered:
-            refused = getattr(agent.publisher, "last_error", None)
+            refused = agent.publisher.last_error
             why = f"failed: {refused}" if refused else f"unreachable for {args.flush_timeout:g} s"
             raise AgentError(f"{undelivered} message(s) not delivered: broker {cfg.mqtt.host}:{cfg.mqtt.port} {why}")
+        if agent.publisher.refused and not prompt:  # a file run promises the broker has every message
+            raise AgentError(f"{agent.publisher.refused} message(s) refused by broker {cfg.mqtt.host}:{cfg.mqtt.port} "
+                             "(the warnings above name their topics)")
         return 0
 
 

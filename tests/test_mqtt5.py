@@ -1,12 +1,16 @@
 """MQTT 5 against real mosquitto processes: what the broker refuses is said and counted, where MQTT
-3.1.1 had it acknowledged as delivered; `mqtt.protocol`; and the fall back to 3.1.1 for a broker that
-speaks nothing newer (mosquitto before 1.6), played by a small server in front of a real mosquitto."""
+3.1.1 had it acknowledged as delivered, and a file run that had messages refused fails; `mqtt.protocol`;
+and the fall back to 3.1.1 for a broker that speaks nothing newer (mosquitto before 1.6), played by a
+small server in front of a real mosquitto."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from typing import Callable
 
@@ -135,6 +139,26 @@ def test_a_subscription_the_acl_refuses_is_one_warning_that_names_the_topic(
     pub.publish(Message("test/agent/event/face_appeared", "after the SUBACK"))  # answered after it
     assert pub.flush(10)
     assert [text for text in warnings_of(caplog) if "subscription" in text] == told  # not again at the reconnect
+
+
+def test_a_file_run_that_had_messages_refused_fails_and_says_so(restricted_broker, smiling_photo, tmp_path):
+    # The README promises exit 0 only once the broker has every message; a run whose events the
+    # ACL refused exited 0.
+    broker = restricted_broker({USER: PASSWORD}, f"user {USER}\n" + "".join(
+        f"topic write test/agent/{topic}\n" for topic in ("availability", "state", "stats", "summary")))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"mqtt:\n  port: {broker.port}\n  username: {USER}\n  client_id: agent-file-run\n"
+                      "  topic_prefix: test/agent\n  discovery:\n    enabled: false\n")
+    done = subprocess.run([sys.executable, "-m", "agent", "run", "--source", str(smiling_photo), "--config",
+                           str(config), "--flush-timeout", "30"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "EMOTION_AGENT_MQTT_PASSWORD": PASSWORD})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert re.fullmatch(rf"emotion-agent: error: \d+ message\(s\) refused by broker 127.0.0.1:{broker.port} "
+                        r"\(the warnings above name their topics\)", lines[-1]), lines[-1]
+    assert any("the broker refused a message to test/agent/event/face_appeared: Not authorized" in line
+               for line in lines), done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # --- the protocol ----------------------------------------------------------------------------------
