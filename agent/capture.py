@@ -566,22 +566,39 @@ def classify_source(source: str) -> tuple[str, int | str]:
     except UnicodeEncodeError:  # bytes of another encoding in a file name: OpenCV would crash on them
         raise SourceError(f"source file name is not valid UTF-8 (rename the file): {text!r}") from None
     if text.isdigit():
-        if len(text) > 10 or int(text) > MAX_CAMERA_INDEX:  # int() itself refuses 4300 digits
-            raise SourceError(f"camera index too large: {text[:20]}{'…' if len(text) > 20 else ''} "
-                              f"(cameras are numbered from 0; /dev/video2 is 2)")
-        return "camera", int(text)
+        return "camera", _camera_index(text)
     if is_stream(text):
         return "stream", text
-    try:
-        path = Path(text).expanduser()
-    except RuntimeError:  # pathlib's "Could not determine home directory"
-        home = text.split("/")[0]
-        why = f"no user {home[1:]} on this machine" if len(home) > 1 else "no home directory known for ~"
-        raise SourceError(f"source not found: {text} ({why})") from None
+    path = _expanded(text)
     if text.startswith("/dev/") and not (path.is_file() or _pipe_or_socket(path)):  # a video in /dev/shm is a file
         # Like a camera index, a device path that is not there is waited for: a USB camera may be
         # unplugged at start, or enumerate after the service.
         return "camera", str(path)
+    _check_readable_file(path, text)
+    # By content, not by name: a photo saved without its suffix, or as .gif, is still one image.
+    kind = "image" if cv2.haveImageReader(str(path)) or path.suffix.lower() in IMAGE_SUFFIXES else "video"
+    return kind, str(path)
+
+
+def _camera_index(text: str) -> int:
+    if len(text) > 10 or int(text) > MAX_CAMERA_INDEX:  # int() itself refuses 4300 digits
+        raise SourceError(f"camera index too large: {text[:20]}{'…' if len(text) > 20 else ''} "
+                          f"(cameras are numbered from 0; /dev/video2 is 2)")
+    return int(text)
+
+
+def _expanded(text: str) -> Path:
+    """The path `text` names, with ~ expanded."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib's "Could not determine home directory"
+        home = text.split("/")[0]
+        why = f"no user {home[1:]} on this machine" if len(home) > 1 else "no home directory known for ~"
+        raise SourceError(f"source not found: {text} ({why})") from None
+
+
+def _check_readable_file(path: Path, text: str) -> None:
+    """SourceError unless `path` is a file this user may read."""
     try:
         if not path.exists():
             raise SourceError(f"source not found: {text} (expected a camera index, an image or video file, "
@@ -596,9 +613,6 @@ def classify_source(source: str) -> tuple[str, int | str]:
         raise SourceError(f"source not readable (permission denied): {text}") from None
     except OSError as exc:  # a name too long, a folder on the way that cannot be entered
         raise SourceError(f"cannot open source {text}: {exc.strerror or exc}") from None
-    # By content, not by name: a photo saved without its suffix, or as .gif, is still one image.
-    kind = "image" if cv2.haveImageReader(str(path)) or path.suffix.lower() in IMAGE_SUFFIXES else "video"
-    return kind, str(path)
 
 
 def _pipe_or_socket(path: Path) -> str | None:

@@ -6,25 +6,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from importlib import import_module
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from agent import __version__
 from agent.argtypes import Parser, name_part, plot_file, port, positive_int, positive_seconds
-from agent.config import Config, load_config, read_password, redact_url, setting_location
-from agent.errors import (AgentError, ConfigError, SourceError, flushed, interrupted, report_error,
-                          where_raised)
-from agent.signal_event import SignalSafeEvent
-
-if TYPE_CHECKING:  # paho and OpenCV load only when running
-    from agent.mqtt import MqttPublisher
+from agent.config import Config, load_config, redact_url, setting_location
+from agent.errors import ConfigError, SourceError, flushed, interrupted, report_error
 
 logger = logging.getLogger("agent")
 
 FLUSH_TIMEOUT_S = 30.0
-SIGNAL_FLUSH_S = 3.0  # leaves room in the 10 s the unit gives for a clean stop (TimeoutStopSec)
 
 
 def _configure_logging(level: str) -> None:
@@ -126,170 +119,20 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from agent.pipeline import build_agent, retained_topics  # OpenCV and the interpreter: only when running
-    from agent.retained_record import RetainedRecord, record_path
+    from agent.supervisor import RunOptions, Supervisor  # OpenCV and the interpreter: only when running
 
-    cfg: Config = load_config(args.config, _overrides(args))
-    _configure_logging(cfg.log_level)
+    cfg = _load_run_config(args)
     logger.debug("configuration: %s", cfg.redacted())
-    kept_publisher = None  # carried across a reload that leaves the connection as it was
-    previous_cfg: Config | None = None
-    # Outside the loop: a SIGTERM or SIGHUP that comes while a reload builds the next agent (models
-    # loading, the old broker flushing) is acted on, not forgotten with the agent it was sent to.
-    terminate = SignalSafeEvent()  # also ends the wait for the broker after a file run
-    reload_pending = SignalSafeEvent()
-    record = RetainedRecord(record_path(os.environ.get("STATE_DIRECTORY"), args.config, args.topic_prefix))
-    start_index = 0  # where a video file starts: after a reload, the frame the last agent reached
-    first_face_id = 1  # after a reload, the last agent's next: a face id is never reused while the process runs
-    while True:
-        if terminate.is_set():
-            if kept_publisher is not None:  # stopped between two agents: the kept connection says goodbye
-                kept_publisher.flush(SIGNAL_FLUSH_S)
-                kept_publisher.close(timeout=1.0)
-            return 0
-        try:
-            agent = build_agent(cfg, show=args.show, realtime=args.realtime, loop=args.loop, start_index=start_index,
-                                first_face_id=first_face_id, publisher=kept_publisher)
-        except Exception as exc:
-            if previous_cfg is None:
-                raise
-            # A reloaded config that validates can still fail to start (a source gone, a model the
-            # interpreter refuses): carry on with the one that ran.
-            logger.error("SIGHUP: cannot start with the new configuration, keeping the old one: %s", exc)
-            cfg, previous_cfg = previous_cfg, None  # with kept_publisher None, a new connection
-            continue
-
-        def on_stop(signum, _frame, agent=agent) -> None:
-            terminate.set()
-            logger.info("received %s: stopping", signal.Signals(signum).name)
-            agent.stop()
-
-        def on_hup(signum, _frame, agent=agent) -> None:
-            if args.config is None:
-                logger.warning("SIGHUP: no --config file to reload; ignored")
-                return
-            reload_pending.set()
-            agent.notifier.reloading()  # before the loop's STOPPING=1, which systemd then ignores
-            agent.stop()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, on_hup)
-        # Signalled while this agent was being built (the handlers were the old agent's): it runs
-        # no frame. For a reload it must not tell systemd STOPPING=1, which would start a stop.
-        if terminate.is_set():
-            agent.stop()
-        elif reload_pending.is_set():
-            agent.notifier.reloading()
-            agent.stop()
-        # What an earlier run (before a restart with another config) left retained and this one
-        # will not overwrite: emptied, or Home Assistant keeps the old device beside the new one.
-        # After a reload the old agent has emptied them already (Agent.retract_retained), but
-        # perhaps not delivered: once more does no harm.
-        stale = record.begin(f"{cfg.mqtt.host}:{cfg.mqtt.port}", retained_topics(cfg))
-        if agent.empty_retained(stale):
-            logger.info("emptying %d retained topic(s) an earlier configuration left on the broker", len(stale))
-        if kept_publisher is None:
-            agent.publisher.start()
-        try:
-            result = agent.run()
-        finally:
-            agent.source.close()
-            if agent.preview is not None:
-                agent.preview.close()
-        if reload_pending.is_set() and not terminate.is_set():
-            reload_pending.clear()
-            try:
-                new_cfg = load_config(args.config, _overrides(args))
-                _configure_logging(new_cfg.log_level)
-                logger.info("SIGHUP: configuration reloaded from %s", args.config)
-            except ConfigError as exc:
-                logger.error("SIGHUP: new configuration rejected, keeping the old one: %s", exc)
-                new_cfg = cfg
-            except Exception as exc:  # a running daemon must not die of a file someone edited
-                logger.error("SIGHUP: cannot read the new configuration, keeping the old one: %s: %s (%s)",
-                             type(exc).__name__, exc, where_raised(exc))
-                new_cfg = cfg
-            # A video file goes on from the frame it reached: played from the start again, its
-            # events would all be published twice. (With --loop it starts over anyway.)
-            file_run = not (args.loop or agent.source.live or agent.source.still)
-            start_index = result.next_index if file_run and new_cfg.source == cfg.source else 0
-            if start_index:
-                logger.info("SIGHUP: the video goes on from frame %d", start_index)
-            first_face_id = agent.tracker.next_id
-            if _same_connection(cfg, new_cfg, agent.publisher):
-                # The same broker, topics and queue: keep the connection and whatever waits in its
-                # queue, with no `offline` blip for subscribers.
-                kept_publisher = agent.publisher
-            else:
-                kept_publisher = None
-                if agent.retract_retained(keep=retained_topics(new_cfg)):
-                    logger.info("SIGHUP: the topics moved; the old ones' retained messages are emptied")
-                if not agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S)):
-                    logger.warning("SIGHUP: the broker settings changed with %d message(s) undelivered to the "
-                                   "old broker; they are dropped", agent.publisher.pending())
-                agent.publisher.close(timeout=1.0)
-            cfg, previous_cfg = new_cfg, cfg
-            continue
-        # Asked to stop (or a live source): exit promptly, as systemd expects; a file run waits longer
-        # so that its exit status can promise every message was delivered.
-        prompt = terminate.is_set() or agent.source.live
-        delivered = agent.publisher.flush(min(args.flush_timeout, SIGNAL_FLUSH_S) if prompt else args.flush_timeout,
-                                          cancel=None if prompt else terminate)
-        undelivered = agent.publisher.pending()
-        agent.publisher.close(timeout=1.0 if not delivered else 5.0)
-        if delivered:
-            record.settled()
-        logger.info("processed %d frames, %d events", result.frames, result.events)
-        if not delivered and terminate.is_set():  # a SIGTERM may also end the wait itself
-            logger.warning("stopping with %d message(s) the broker has not acknowledged", undelivered)
-            return 0
-        if not delivered:
-            refused = agent.publisher.last_error
-            why = f"failed: {refused}" if refused else f"unreachable for {args.flush_timeout:g} s"
-            raise AgentError(f"{undelivered} message(s) not delivered: broker {cfg.mqtt.host}:{cfg.mqtt.port} {why}")
-        if agent.publisher.refused and not prompt:  # a file run promises the broker has every message
-            raise AgentError(f"{agent.publisher.refused} message(s) refused by broker {cfg.mqtt.host}:{cfg.mqtt.port} "
-                             "(the warnings above name their topics)")
-        return 0
+    options = RunOptions(config_file=args.config, topic_prefix=args.topic_prefix, show=args.show,
+                         realtime=args.realtime, loop=args.loop, flush_timeout=args.flush_timeout)
+    return Supervisor(cfg, options, reload=lambda: _load_run_config(args)).run()
 
 
-def _same_connection(old: Config, new: Config, publisher: MqttPublisher) -> bool:
-    """Whether a reload can keep the publisher: the same mqtt section and the same password."""
-    if new.mqtt != old.mqtt:
-        return False
-    if new.mqtt.tls.enabled and _tls_files_changed(new.mqtt.tls, publisher):
-        return False
-    try:
-        password = read_password(new.mqtt) if new.mqtt.username else None
-    except ConfigError as exc:
-        # The connection logged in with the password read before. Closed now, the next one could
-        # not log in, nor could the old config start again: the daemon would exit for good.
-        logger.warning("SIGHUP: %s; the broker connection keeps the password it has", exc)
-        return True
-    return password == publisher.settings.password
-
-
-def _tls_files_changed(tls, publisher: MqttPublisher) -> bool:
-    """Whether the TLS files hold other contents than the connection loaded (renewed in place),
-    and load: files that cannot be read or loaded now (a copy half done, a certificate renewed
-    before its key) keep the connection, as the password does, rather than end the daemon."""
-    from agent.mqtt import check_tls_files, tls_files_digest
-
-    try:
-        if tls_files_digest(tls.ca_file, tls.cert_file, tls.key_file) == publisher.tls_digest:
-            return False
-        check_tls_files(tls.ca_file, tls.cert_file, tls.key_file)
-    except OSError as exc:
-        logger.warning("SIGHUP: cannot read the TLS files (%s); the broker connection keeps those it has",
-                       exc.strerror or exc)
-        return False
-    except ConfigError as exc:
-        logger.warning("SIGHUP: %s; the broker connection keeps the TLS files it has", exc)
-        return False
-    logger.info("SIGHUP: the TLS files changed: connecting again with them")
-    return True
+def _load_run_config(args: argparse.Namespace) -> Config:
+    """The config `run` uses, at start and at each reload, with its log level applied."""
+    cfg = load_config(args.config, _overrides(args))
+    _configure_logging(cfg.log_level)
+    return cfg
 
 
 COMMANDS = {"run": _cmd_run, "check-config": _cmd_check_config}

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from agent import payloads
 from agent.capture import FrameSource, make_source
@@ -29,7 +29,7 @@ from agent.notify import SystemdNotifier
 from agent.signal_event import SignalSafeEvent
 from agent.stats import StageTimes, Stopwatch
 from agent.topics import Topics
-from agent.types import Detection, FaceObservation
+from agent.types import Detection, FaceObservation, Frame
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,22 @@ class RunResult:
     events: int = 0
     stopped_by_user: bool = False
     next_index: int = 0  # the index of the frame after the last one processed: where a reload resumes a file
+
+
+@dataclass(eq=False)
+class _Loop:
+    """What one run of the loop carries from step to step."""
+
+    frames: Iterator[tuple[Frame | None, list[Detection] | None]]
+    detect_inline: bool  # detect on the loop's thread (a live source, a still image), not ahead of it
+    last_state_key: object  # what the last state published said, to send the next only on a change
+    result: RunResult = field(default_factory=RunResult)
+    window: payloads.SummaryWindow | None = None  # None until the first frame
+    next_summary: float = math.inf  # on the frames' clock
+    next_stats: float = math.inf
+    faces: list[TrackedFace] = field(default_factory=list)
+    shown: Frame | None = None  # the last frame in the preview
+    now: float = 0.0  # the frames' clock
 
 
 @dataclass
@@ -281,8 +297,14 @@ class Agent:
             yield frame, None
 
     def run(self) -> RunResult:
-        result = RunResult()
-        m = self.cfg.mqtt
+        loop = self._begin()
+        while not self._stop.is_set() and self._step(loop):
+            pass
+        self._finish(loop)
+        return loop.result
+
+    def _begin(self) -> _Loop:
+        """What goes out before the first frame, and the loop's state."""
         self.publish_discovery()
         # No face until a frame shows one: this replaces whatever an earlier process left retained
         # (a crash, a watchdog restart, a camera absent at boot), which would read as faces in view.
@@ -295,105 +317,130 @@ class Agent:
         # camera status says what comes next. None for a run stopped (or reloaded) before it began.
         if not self._stop.is_set():
             self.notifier.ready()
-        window: payloads.SummaryWindow | None = None
-        last_state_key = payloads.state_key([])
-        next_summary = next_stats = None
-        faces: list[TrackedFace] = []
-        frame = shown = None
-        now = 0.0
-        watch = self._watch  # one clock for every stage, _process's included
         # A file is detected ahead of the loop; a live source (newest frame only) or a still image inline.
         detect_inline = self.source.live or self.source.still
-        frames = self._frames(ahead=not detect_inline)
-        while not self._stop.is_set():
-            frame_started = time.monotonic()
-            frame, fresh = next(frames, (None, None))
-            if frame is None:
-                if not self.source.live:
-                    break
-                # No frame from the camera: keep telling the world (stats carry the camera status),
-                # but never ping the watchdog, so a camera hung for good gets the service restarted.
-                status = self.source.status()
-                self.notifier.status(f"camera {status}")
-                # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a live
-                # source's frame times are monotonic): a face seen after the outage is a new one. A
-                # source slower than the gap is waited for twice its interval. One the source says is
-                # away is not: after a single frame no rate is known, and its faces would stay for good.
-                gap = self.cfg.tracking.max_gap_s
-                lost = self.tracker.expire(time.monotonic(),
-                                           gap if status == "reconnecting" else self.times.stalled_after(gap))
-                if lost:
-                    self._report_lost(lost, window, result)
-                    faces = self.tracker.faces()
-                    self._publish_state(faces)
-                    last_state_key = payloads.state_key(faces)
-                if time.monotonic() - self._stats_at >= m.stats_interval_s or self._camera_status_changed():
-                    self._publish_stats()
-                continue
-            self.times.add("decode", watch.lap())
-            now = frame.timestamp
-            if window is None:
-                window = payloads.SummaryWindow(started=now)
-                next_summary, next_stats = now + m.summary_interval_s, now + m.stats_interval_s
-            if detect_inline and self._is_due(frame):
-                fresh = self._run_detection(self._prepare_detection(frame))
-            observations = self._process(frame, fresh)
-            faces, events = self.tracker.update(now, observations)
-            if self.source.still:
-                # A still image: hold the same observations while the smoother settles.
-                settle = self.cfg.smoothing.dwell_s + 3 * self.cfg.smoothing.window_s
-                t = now
-                while t < now + settle:
-                    t += STILL_IMAGE_STEP_S
-                    faces, more = self.tracker.update(t, observations)
-                    events += more
-                now = t
-            self.times.add("track", watch.lap())
-            window.add_frame(now, faces, events)
-            self._publish_events(events)
-            result.events += len(events)
-            key = payloads.state_key(faces)
-            if key != last_state_key:
-                self._publish_state(faces)
-                last_state_key = key
-            if now >= next_summary:
-                self._publish(self.topics.summary, window.payload(now, faces, self.clock()))
-                self._publish_state(faces)  # a heartbeat for expire_after
-                window = payloads.SummaryWindow(started=now)
-                next_summary = now + m.summary_interval_s
-            self.times.add("publish", watch.lap())
-            self.times.frame_done(time.monotonic())
-            result.frames += 1
-            result.next_index = frame.index + 1
-            if result.frames == 1:
-                logger.info("first frame processed; running")
-            self.notifier.status("processing frames")  # sent only when it changes
-            self.notifier.watchdog()
-            if now >= next_stats:
-                self._publish_stats()
-                next_stats = now + m.stats_interval_s
-            elif self._camera_status_changed():
-                self._publish_stats()
-            if self.preview is not None:
-                shown = frame
-                if not self.preview.show(frame.image, faces, self.times.fps()):
-                    result.stopped_by_user = True
-                    break
-            if self.on_frame is not None:
-                self.on_frame()
-            self._pace(frame_started)
-            watch.lap()
-        frames.close()  # stops DetectAhead's thread
-        if self.preview is not None and shown is not None and self.source.still and not result.stopped_by_user:
-            self.preview.hold(shown.image, faces, self.times.fps(), self._stop.is_set)
+        return _Loop(frames=self._frames(ahead=not detect_inline), detect_inline=detect_inline,
+                     last_state_key=payloads.state_key([]))
+
+    def _step(self, loop: _Loop) -> bool:
+        """One frame, or one wait for a live source that has none; False once the run is over."""
+        frame_started = time.monotonic()
+        frame, fresh = next(loop.frames, (None, None))
+        if frame is not None:
+            return self._frame(loop, frame, fresh, frame_started)
+        if not self.source.live:
+            return False
+        self._no_frame(loop)
+        return True
+
+    def _frame(self, loop: _Loop, frame: Frame, fresh: list[Detection] | None, frame_started: float) -> bool:
+        """Detect, classify, track and publish one frame; False if the preview was closed."""
+        self.times.add("decode", self._watch.lap())
+        events = self._track(loop, frame, fresh)
+        self._publish_frame(loop, events)
+        self._frame_done(loop, frame)
+        if self.preview is not None:
+            loop.shown = frame
+            if not self.preview.show(frame.image, loop.faces, self.times.fps()):
+                loop.result.stopped_by_user = True
+                return False
+        if self.on_frame is not None:
+            self.on_frame()
+        self._pace(frame_started)
+        self._watch.lap()
+        return True
+
+    def _track(self, loop: _Loop, frame: Frame, fresh: list[Detection] | None) -> list[Event]:
+        loop.now = frame.timestamp
+        if loop.window is None:
+            loop.window = payloads.SummaryWindow(started=loop.now)
+            loop.next_summary = loop.now + self.cfg.mqtt.summary_interval_s
+            loop.next_stats = loop.now + self.cfg.mqtt.stats_interval_s
+        if loop.detect_inline and self._is_due(frame):
+            fresh = self._run_detection(self._prepare_detection(frame))
+        observations = self._process(frame, fresh)
+        loop.faces, events = self.tracker.update(loop.now, observations)
+        if self.source.still:
+            events += self._settle(loop, observations)
+        self.times.add("track", self._watch.lap())
+        return events
+
+    def _settle(self, loop: _Loop, observations: list[FaceObservation]) -> list[Event]:
+        """A still image: the same observations held while the smoother settles."""
+        settle = self.cfg.smoothing.dwell_s + 3 * self.cfg.smoothing.window_s
+        started = t = loop.now
+        events: list[Event] = []
+        while t < started + settle:
+            t += STILL_IMAGE_STEP_S
+            loop.faces, more = self.tracker.update(t, observations)
+            events += more
+        loop.now = t
+        return events
+
+    def _publish_frame(self, loop: _Loop, events: list[Event]) -> None:
+        """A frame's events, the state if it changed, and the summary when one is due."""
+        loop.window.add_frame(loop.now, loop.faces, events)
+        self._publish_events(events)
+        loop.result.events += len(events)
+        key = payloads.state_key(loop.faces)
+        if key != loop.last_state_key:
+            self._set_state(loop, loop.faces)
+        if loop.now >= loop.next_summary:
+            self._publish(self.topics.summary, loop.window.payload(loop.now, loop.faces, self.clock()))
+            self._publish_state(loop.faces)  # a heartbeat for expire_after
+            loop.window = payloads.SummaryWindow(started=loop.now)
+            loop.next_summary = loop.now + self.cfg.mqtt.summary_interval_s
+        self.times.add("publish", self._watch.lap())
+
+    def _frame_done(self, loop: _Loop, frame: Frame) -> None:
+        """Counts a processed frame, tells systemd, and sends the stats when they are due."""
+        self.times.frame_done(time.monotonic())
+        loop.result.frames += 1
+        loop.result.next_index = frame.index + 1
+        if loop.result.frames == 1:
+            logger.info("first frame processed; running")
+        self.notifier.status("processing frames")  # sent only when it changes
+        self.notifier.watchdog()
+        if loop.now >= loop.next_stats:
+            self._publish_stats()
+            loop.next_stats = loop.now + self.cfg.mqtt.stats_interval_s
+        elif self._camera_status_changed():
+            self._publish_stats()
+
+    def _no_frame(self, loop: _Loop) -> None:
+        """No frame from the camera: keep telling the world (stats carry the camera status), but
+        never ping the watchdog, so a camera hung for good gets the service restarted."""
+        status = self.source.status()
+        self.notifier.status(f"camera {status}")
+        # Faces unseen for longer than tracking.max_gap_s are gone, frame or no frame (a live
+        # source's frame times are monotonic): a face seen after the outage is a new one. A
+        # source slower than the gap is waited for twice its interval. One the source says is
+        # away is not: after a single frame no rate is known, and its faces would stay for good.
+        gap = self.cfg.tracking.max_gap_s
+        lost = self.tracker.expire(time.monotonic(), gap if status == "reconnecting" else self.times.stalled_after(gap))
+        if lost:
+            self._report_lost(lost, loop.window, loop.result)
+            self._set_state(loop, self.tracker.faces())
+        if time.monotonic() - self._stats_at >= self.cfg.mqtt.stats_interval_s or self._camera_status_changed():
+            self._publish_stats()
+
+    def _set_state(self, loop: _Loop, faces: list[TrackedFace]) -> None:
+        loop.faces = faces
+        self._publish_state(faces)
+        loop.last_state_key = payloads.state_key(faces)
+
+    def _finish(self, loop: _Loop) -> None:
+        """The end: every open face is lost, then a final summary, state and stats."""
+        loop.frames.close()  # stops DetectAhead's thread
+        if (self.preview is not None and loop.shown is not None and self.source.still
+                and not loop.result.stopped_by_user):
+            self.preview.hold(loop.shown.image, loop.faces, self.times.fps(), self._stop.is_set)
         self.notifier.stopping()
-        # The end: every open face is lost, then a final summary, state and stats.
-        self._report_lost(self.tracker.close(now), window, result)
-        if window is not None:
-            self._publish(self.topics.summary, window.payload(now, [], self.clock()))
+        self._report_lost(self.tracker.close(loop.now), loop.window, loop.result)
+        if loop.window is not None:
+            self._publish(self.topics.summary, loop.window.payload(loop.now, [], self.clock()))
         self._publish_state([])
         self._publish_stats()
-        return result
 
 
 def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop: bool = False,

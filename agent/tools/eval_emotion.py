@@ -106,6 +106,29 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
     """Gray faces and labels from `root/<class name>/*` (a name in CLASS_OF_FOLDER, in any case); at
     most `limit` images per class, taken in name order so a limited run is the same run every time."""
     root = Path(root)
+    faces: list[np.ndarray] = []
+    labels: list[int] = []
+    unreadable: list[str] = []
+    for folder in _class_folders(root):
+        label = CLASS_OF_FOLDER[folder.name.lower()]
+        files = _images(folder)
+        if limit is not None:  # two folders of one class (happy/ and HA/) share its limit
+            files = files[:max(0, limit - labels.count(label))]
+        for path in files:
+            image = _read_face(path)
+            if image is None:
+                unreadable.append(str(path))
+                continue
+            faces.append(image)
+            labels.append(label)
+    if not faces:
+        raise SourceError(f"{root}: no readable images in the class folders")
+    return LabelledFaces(faces, np.asarray(labels, dtype=np.int64), tuple(unreadable))
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The class folders in `root`, in name order; SourceError for a folder of no known class, or
+    none at all. A folder of a class outside the seven (CK+'s contempt) is skipped, and said so."""
     folders = sorted(p for p in _listing(root) if p.is_dir()) if root.is_dir() else []
     unknown = [p.name for p in folders if p.name.lower() not in (*CLASS_OF_FOLDER, *OUTSIDE_THE_SEVEN)]
     if unknown:
@@ -119,30 +142,20 @@ def load_folder(root: Path, limit: int | None = None) -> LabelledFaces:
         skipped = sum(len(_images(p)) for p in outside)
         logger.info("%s: %d image(s) in %s skipped: not one of the seven classes", root, skipped,
                     ", ".join(p.name for p in outside))
-    faces: list[np.ndarray] = []
-    labels: list[int] = []
-    unreadable: list[str] = []
-    for folder in folders:
-        label = CLASS_OF_FOLDER[folder.name.lower()]
-        files = _images(folder)
-        if limit is not None:  # two folders of one class (happy/ and HA/) share its limit
-            files = files[:max(0, limit - labels.count(label))]
-        for path in files:
-            try:
-                image, why = read_image(path, cv2.IMREAD_GRAYSCALE), f"cannot read {path}"
-            except SourceError as exc:  # over OpenCV's pixel limit: that file is skipped, not the run
-                image, why = None, str(exc)
-            if image is not None and is_truncated_jpeg(path):  # half a face would count as one
-                image, why = None, f"{path} is damaged (a JPEG cut short)"
-            if image is None:
-                logger.warning("%s; skipped", why)
-                unreadable.append(str(path))
-                continue
-            faces.append(image)
-            labels.append(label)
-    if not faces:
-        raise SourceError(f"{root}: no readable images in the class folders")
-    return LabelledFaces(faces, np.asarray(labels, dtype=np.int64), tuple(unreadable))
+    return folders
+
+
+def _read_face(path: Path) -> np.ndarray | None:
+    """The gray face in `path`; None, with a warning, for a file that cannot be used."""
+    try:
+        image, why = read_image(path, cv2.IMREAD_GRAYSCALE), f"cannot read {path}"
+    except SourceError as exc:  # over OpenCV's pixel limit: that file is skipped, not the run
+        image, why = None, str(exc)
+    if image is not None and is_truncated_jpeg(path):  # half a face would count as one
+        image, why = None, f"{path} is damaged (a JPEG cut short)"
+    if image is None:
+        logger.warning("%s; skipped", why)
+    return image
 
 
 def _images(folder: Path) -> list[Path]:
