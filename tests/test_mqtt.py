@@ -491,7 +491,7 @@ def test_a_lost_connection_is_reported_with_its_own_reason_not_an_earlier_retrys
     # first connection was taken for a socket error, and given as the reason of the next loss.
     broker = Broker(tmp_path)
     pub = make_publisher(broker.port)
-    with caplog.at_level(logging.DEBUG, logger="agent"):
+    with caplog.at_level(logging.INFO, logger="agent.mqtt"), caplog.at_level(logging.DEBUG, logger="agent.paho"):
         pub.start()
         try:
             wait_until(lambda: paho_said(caplog, "Connection failed, retrying") >= 2, 10)  # refused tries first
