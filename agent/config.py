@@ -1,10 +1,7 @@
-"""The configuration: one typed, frozen tree of pydantic models, read from YAML in one place.
+"""The configuration: one frozen tree of pydantic models, read from YAML in one place.
 
-Every section forbids unknown keys and describes each of its fields; the stages take their section
-as it is (`FaceStateTracker(cfg.tracking, cfg.smoothing)`, `make_detector(cfg.detector)`), so each
-default is written once, here. Cross-field rules are validators without side effects.
-`load_config` reads the YAML, refuses its 1.1 traps, and turns the first validation error into one
-line: `FILE:LINE: key.path: reason`. `check-config` and `run` both call it.
+Each stage takes its section as it is, so every default is written once, here. `load_config` (run and
+check-config alike) refuses YAML 1.1's traps and reports the first error as `FILE:LINE: key.path: reason`.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import hashlib
 import os
 import re
 import socket
-import typing
+import stat
 import unicodedata
 import urllib.parse
 from pathlib import Path
@@ -30,8 +27,7 @@ from agent.topics import MAX_MQTT_STRING
 
 PASSWORD_ENV = "EMOTION_AGENT_MQTT_PASSWORD"
 DEFAULT_TOPIC_PREFIX = "emotion-agent/{hostname}"
-# A source with one of these is a stream (capture.classify_source); here, not in capture, so that
-# the validation can check the URL without loading OpenCV.
+# A source with one of these is a stream; here, not in capture, so that validating it loads no OpenCV.
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://", "rtmp://")
 
 
@@ -40,8 +36,7 @@ def is_stream_url(text: str) -> bool:
 
 
 class Invalid(ValueError):
-    """A broken rule, raised by a validator; `key` names the setting it is about (relative to the
-    section validated) when that is not the field being validated."""
+    """A broken rule; `key` names the setting it is about when that is not the one being validated."""
 
     def __init__(self, reason: str, key: str | None = None):
         super().__init__(reason)
@@ -49,29 +44,24 @@ class Invalid(ValueError):
 
 
 def _shown(value: Any, limit: int = 60) -> str:
-    """A value for an error line, cut short: a pasted blob must not become a thousand-column line."""
-    text = repr(value)
+    """A value for an error line, cut short: a pasted blob must not make a thousand-column line."""
+    text = "null" if value is None else repr(value)
     return text if len(text) <= limit else text[:limit - 5] + "…" + text[-4:]
 
 
 # --- value types: what YAML gives, checked the same way wherever a setting takes it --------------
 
-# C0 and C1 control characters: no setting has a use for them, and a broker rejects a topic or a
-# client id holding one as malformed (the agent would only see a connection that keeps failing).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
 
 def _text(value: str) -> str:
+    """UTF-8 (OpenCV crashes on Python's stand-ins for other bytes) without control characters (a
+    broker takes a topic or client id with one for malformed, and the agent would only see it fail)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        # Python's stand-ins for bytes that are not UTF-8 (a file name from the command line);
-        # OpenCV would crash on them.
         raise ValueError(f"not valid UTF-8 text (a file name in another encoding? rename it): {_shown(value)}") \
             from None
-    control = _CONTROL.search(value)
-    if control:  # a stream's password stays out of the journal
+    control = re.search("[\x00-\x1f\x7f-\x9f]", value)
+    if control:  # redacted: a stream's password stays out of the journal
         raise ValueError(f"contains a control character (U+{ord(control.group()):04X}): {_shown(redact_url(value))}")
     return value
 
@@ -82,92 +72,93 @@ def _number_as_text(value: Any) -> Any:
 
 
 def _yaml_number(value: Any) -> Any:
-    if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e9 (no dot, no sign) as text; people mean the number
-    if isinstance(value, int) and not isinstance(value, bool):
+    """YAML 1.1 reads 1e9 (no dot, no sign) as text, though people mean the number; and an integer of
+    hundreds of digits is no float."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()) or \
+            isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)
-        except OverflowError:  # an integer of hundreds of digits
+        except OverflowError:
             raise ValueError(f"expected a finite number, got {_shown(value)}") from None
     return value
 
 
 def _readable(value: str) -> str:
     path = Path(value)
-    if not path.exists():
-        raise ValueError(f"file not found: {value}")
-    if not path.is_file():
-        raise ValueError(f"not a regular file: {value}")
-    if not os.access(path, os.R_OK):
-        raise ValueError(f"file not readable: {value}")
+    problem = ("file not found" if not path.exists() else "not a regular file" if not path.is_file()
+               else None if os.access(path, os.R_OK) else "file not readable")
+    if problem:
+        raise ValueError(f"{problem}: {value}")
     return value
 
 
-def _model_file(value: str) -> str:
-    """A model setting names a readable file (a bundled model's bare name included)."""
-    _readable(str(resolve_model_path(value)))
-    return value
+def _model_file(name: str) -> str:
+    _readable(str(resolve_model_path(name)))  # a readable file, or a bundled model's bare name
+    return name
+
+
+def _visible(text: str) -> str:
+    """No character that shows as nothing or as a blank other than the space (a zero-width or a no-break
+    space, a byte-order mark), nor a non-character (MQTT forbids them)."""
+    for char in text:
+        category = unicodedata.category(char)
+        if category in ("Cf", "Co", "Cn", "Cs", "Zl", "Zp") or (category == "Zs" and char != " "):
+            name = f"U+{ord(char):04X} {unicodedata.name(char, '')}".rstrip()
+            raise ValueError(f"contains an invisible character ({name}), got {_shown(text)}")
+    return text
+
+
+def _topic_levels(topic: str) -> str:
+    """Topics a subscription written by hand matches: `" kitchen "` would publish to `" kitchen /state"`."""
+    if not topic or any(c in topic for c in "#+") or topic.startswith("/") or topic.endswith("/"):
+        raise ValueError(f"expected topic levels without wildcards or leading/trailing '/', got {_shown(topic)}")
+    if topic.startswith("$"):
+        raise ValueError(f"topics starting with '$' are the broker's own (it drops what clients publish there), "
+                         f"got {_shown(topic)}")
+    if "//" in topic:
+        raise ValueError(f"has an empty topic level ('//'), got {_shown(topic)}")
+    if any(level != level.strip() for level in topic.split("/")):
+        raise ValueError(f"a topic level starts or ends with a blank, got {_shown(topic)}; remove the blanks")
+    return topic
+
+
+def _host(host: str) -> str:
+    # One colon is no IPv6 address but a port written into the host: the resolver would fail, forever.
+    if not host or re.search(r"\s|/|^[a-z]+:|^\[", host) or host.count(":") == 1:
+        raise ValueError("expected a host name or IP address without a port or brackets (no scheme, no path; the "
+                         f"port goes in mqtt.port), got {_shown(host)}")
+    try:
+        host.encode("idna")  # as the socket layer does first, which fails on "a..b" inside paho's thread
+    except UnicodeError:
+        raise ValueError(f"not a valid host name (empty or over-long part between dots), got {_shown(host)}") \
+            from None
+    if len(host) > 253:
+        raise ValueError(f"not a valid host name (over 253 characters), got {_shown(host)}")
+    return host
+
+
+def _max_bytes(limit: int) -> AfterValidator:
+    """At most `limit` bytes of UTF-8: MQTT measures its strings in bytes."""
+    def check(value: str) -> str:
+        if len(value.encode()) > limit:
+            raise ValueError(f"too long: {len(value.encode())} bytes, expected at most {limit}")
+        return value
+    return AfterValidator(check)
 
 
 Text = Annotated[str, AfterValidator(_text)]
 Number = Annotated[float, BeforeValidator(_yaml_number)]
 File = Annotated[Text, AfterValidator(_readable)]
 ModelFile = Annotated[Text, AfterValidator(_model_file)]
-
-
-DetectorKind = Annotated[Literal["blazeface", "haar"], BeforeValidator(_number_as_text)]
-MqttProtocol = Annotated[Literal["auto", "5", "3.1.1"], BeforeValidator(_number_as_text)]
-LogLevel = Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_number_as_text)]
-
-
-# U+FDD0..U+FDEF and the last two code points of every plane: MQTT forbids them in strings.
-_NONCHARACTER = re.compile("[\ufdd0-\ufdef\ufffe\uffff\U0001fffe\U0001ffff\U0002fffe\U0002ffff"
-                           "\U0003fffe\U0003ffff\U0010fffe\U0010ffff]")
-
-
-def _mqtt_text(value: str | None) -> str | None:
-    if value is not None and _NONCHARACTER.search(value):
-        raise ValueError(f"contains a Unicode non-character, which MQTT forbids: {_shown(value)}")
-    return value
-
-
-def _invisible(text: str) -> str | None:
-    """The first character of `text` that shows as nothing or as a blank other than the space
-    (a zero-width space, a non-breaking space, a byte-order mark), as `U+XXXX NAME`."""
-    for char in text:
-        category = unicodedata.category(char)
-        if category in ("Cf", "Co", "Cn", "Cs", "Zl", "Zp") or (category == "Zs" and char != " "):
-            return f"U+{ord(char):04X} {unicodedata.name(char, '')}".rstrip()
-    return None
-
-
-def _topic_levels(topic: str) -> str:
-    """A topic prefix that names the topics the user sees: no wildcard, no empty level, no level
-    with blanks around it, nothing invisible (`" kitchen "` and `kitchen\\u200b` published to topics
-    no subscription written by hand matches)."""
-    if not topic or any(c in topic for c in "#+\0") or topic.startswith("/") or topic.endswith("/"):
-        raise ValueError(f"expected topic levels without wildcards or leading/trailing '/', got {_shown(topic)}")
-    if topic.startswith("$"):
-        raise ValueError(f"topics starting with '$' are the broker's own (it drops what clients publish there), "
-                         f"got {_shown(topic)}")
-    if len(topic.encode()) > 1024:
-        raise ValueError(f"too long: {len(topic.encode())} bytes, expected at most 1024")
-    if "//" in topic:
-        raise ValueError(f"has an empty topic level ('//'), got {_shown(topic)}")
-    if any(level != level.strip() for level in topic.split("/")):
-        raise ValueError(f"a topic level starts or ends with a blank, got {_shown(topic)}; remove the blanks")
-    invisible = _invisible(topic)
-    if invisible:
-        raise ValueError(f"contains an invisible character ({invisible}), got {_shown(topic)}")
-    return topic
-
-
-Topic = Annotated[Text, AfterValidator(_mqtt_text), AfterValidator(_topic_levels)]
+Topic = Annotated[Text, _max_bytes(1024), AfterValidator(_topic_levels), AfterValidator(_visible)]
+Host = Annotated[Text, AfterValidator(_host)]
+ClientId = Annotated[str, Field(min_length=1), AfterValidator(_text), _max_bytes(256), AfterValidator(_visible)]
+UserName = Annotated[Text, _max_bytes(MAX_MQTT_STRING)]
 
 
 class Section(BaseModel):
-    """A config section: frozen, unknown keys refused, types strict (YAML gives typed values);
-    an empty section (`mqtt:` and nothing under it) has every default."""
+    """A config section: frozen, unknown keys refused, types strict (YAML gives typed values); an empty
+    one (`mqtt:` and nothing under it) has every default."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -206,7 +197,7 @@ class CameraConfig(Section):
 
 
 class DetectorConfig(Section):
-    kind: DetectorKind = Field(
+    kind: Literal["blazeface", "haar"] = Field(
         "blazeface", description="Face detector: blazeface (MediaPipe full-range TFLite) or haar (OpenCV cascade).")
     model: ModelFile | None = Field(None, description="BlazeFace model file, or a bundled one's name (null: the "
                                     "bundled face_detection_full_range.tflite; face_detection_full_range_int8.tflite "
@@ -243,21 +234,8 @@ class TrackingConfig(Section):
 
 
 class SmoothingConfig(Section):
-    """The defaults were measured with `python -m agent.tools.flicker` on the three videos in
-    ../shared/data/videos (BlazeFace + the int8 MiniXception, 30.2 face-seconds, 20 faces):
-    13.9 emitted changes per face-minute against 359.5 raw per-frame label changes (ratio 0.039;
-    0.143 keeping every 6th frame, ~5 fps); 58 spliced held expressions all got their event,
-    median 0.47 s, p90 0.96 s, max 1.04 s after the step (~5 fps: 34 of 34, max 1.68 s; with the
-    detector run every 0.1 s: ratio 0.031, 51 of 52, max 0.87 s, the miss a face torn between
-    angry and sad that left about a second after the step). The earlier 0.5/0.1/0.4/0.4 missed
-    22 of the 58 and took up to 1.42 s. (Counts of every pair of held windows; the tuning was
-    done when one window per other emotion was counted: 27 steps, 9 missed.) Single passes swing
-    with +-1 grey level of noise; pooled with four such passes (`--noise-runs 4`), detector on every
-    frame: 3 of 223 missed, p90 0.87 s; the earlier guess 58 of 220, p90 1.30 s. Neighbours (window 0.2-0.3,
-    dwell 0.25-0.3, margin 0-0.03, gate 0.25-0.3) do about as well; a margin of 0.05 or more
-    misses faces torn between two classes (angry 0.45 vs sad 0.35), a gate of 0.4 calls most
-    crowd faces "uncertain".
-    """
+    """Defaults measured with `python -m agent.tools.flicker` on ../shared/data/videos: the figures, and
+    the neighbours and earlier values tried, are in docs/benchmarks.md."""
 
     window_s: Number = Field(0.25, gt=0, le=60,
                              description="Time constant of the moving average of each face's 7 probabilities.")
@@ -292,41 +270,10 @@ class DiscoveryConfig(Section):
     prefix: Topic = Field("homeassistant", description="Home Assistant's discovery prefix.")
 
 
-def _host(host: str) -> str:
-    if not host or re.search(r"\s|/|^[a-z]+:", host):
-        raise ValueError(f"expected a host name or IP address (no scheme, no path), got {_shown(host)}")
-    if host.count(":") == 1 or host.startswith("["):
-        # One colon is no IPv6 address: a port written into the host (the resolver would fail, forever).
-        raise ValueError(f"expected a host name or IP address without a port or brackets (the port goes in "
-                         f"mqtt.port), got {_shown(host)}")
-    try:
-        host.encode("idna")  # what the socket layer does first; it fails on "a..b" inside paho's thread
-    except UnicodeError:
-        raise ValueError(f"not a valid host name (empty or over-long part between dots), got {_shown(host)}") \
-            from None
-    if len(host) > 253:  # a part over 63 characters fails the idna check above
-        raise ValueError(f"not a valid host name (at most 253 characters, 63 between dots), got {_shown(host)}")
-    return host
-
-
-def _bytes(low: int, high: int, words: str) -> AfterValidator:
-    """An MQTT string of `low` to `high` bytes (UTF-8); `words` say what is wrong with one of N bytes."""
-    def check(value: str) -> str:
-        if not low <= len(value.encode()) <= high:
-            raise ValueError(words.format(len(value.encode())))
-        return value
-    return AfterValidator(check)
-
-
-Host = Annotated[Text, AfterValidator(_host)]
-ClientId = Annotated[Text, AfterValidator(_mqtt_text), _bytes(1, 256, "expected 1 to 256 bytes, got {}")]
-UserName = Annotated[Text, _bytes(0, MAX_MQTT_STRING, f"too long: {{}} bytes, MQTT allows {MAX_MQTT_STRING}")]
-
-
 class MqttConfig(Section):
     host: Host = Field("127.0.0.1", description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual for TLS).")
-    protocol: MqttProtocol = Field(
+    protocol: Annotated[Literal["auto", "5", "3.1.1"], BeforeValidator(_number_as_text)] = Field(
         "auto", description="MQTT version: 5 (the broker says when it refuses a message, e.g. by its ACL), 3.1.1, "
         "or auto: 5, and 3.1.1 from then on if the broker does not speak 5 (mosquitto before 1.6, RabbitMQ before "
         "3.13).")
@@ -352,9 +299,7 @@ class MqttConfig(Section):
     @field_validator("username", mode="before")
     @classmethod
     def _no_blank_user(cls, value: Any) -> Any:
-        # What a template leaves for "no user" (`username: ""`). Kept, it was sent as an empty
-        # user name with no password, even with a password_file: refused by any broker that
-        # needs a login, and nothing said why.
+        # A template's `username: ""` means no user; kept, it was sent with no password, and refused.
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
@@ -388,8 +333,7 @@ def _check_stream_url(source: str) -> None:
         port = 0
     if port == 0:
         raise ValueError(f"the stream URL's port must be a number from 1 to 65535: {shown}")
-    # udp://@:1234 and tcp://:5000?listen=1 (no host, a port) receive on every interface; anything
-    # else needs a host.
+    # udp://@:1234 and tcp://:5000?listen=1 (a port, no host) receive on every interface.
     if not parts.hostname and not (parts.scheme.lower() in ("udp", "tcp") and port):
         raise ValueError(f"the stream URL has no host: {shown}")
 
@@ -404,7 +348,7 @@ class Config(Section):
     smoothing: SmoothingConfig = Field(default_factory=SmoothingConfig,
                                        description="Per-face smoothing and change policy.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker and topics.")
-    log_level: LogLevel = Field("info", description="Logging level.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
 
     @field_validator("source")
     @classmethod
@@ -417,8 +361,8 @@ class Config(Section):
         return source
 
     def redacted(self) -> dict[str, Any]:
-        """The config as a plain dict, safe to log: secrets never live in it (the password comes
-        from a file, the environment or a systemd credential), and the user name is masked."""
+        """The config as a plain dict, safe to log: the password never lives in it, the user name and a
+        stream's password are masked."""
         data = self.model_dump()
         if data["mqtt"]["username"]:
             data["mqtt"]["username"] = "***"
@@ -427,141 +371,99 @@ class Config(Section):
 
 
 def redact_url(text: str) -> str:
-    """`text` with the password of a URL's user info masked (rtsp://admin:***@cam/stream), for logs:
-    cameras take their credentials in the URL, and a journal is read by more people than a config."""
-    if "://" not in text or "@" not in text:
-        return text
-    try:
-        parts = urllib.parse.urlsplit(text)
-        # No @ in the address: a password with a / ? or # in it, which ends the address early.
-        user_in_address = "@" in parts.netloc
-    except ValueError:  # not a URL after all (a port that is no number)
-        user_in_address = False
-    if not user_in_address:  # everything up to the last @ is masked
+    """`text` with a URL's password masked (rtsp://admin:***@cam/stream): cameras take their
+    credentials in the URL, and a journal is read by more people than a config."""
+    address = re.match(r"([^:/]+://)([^/?#]*)@", text)  # the user info ends at the address's last @
+    if address:
+        user, colon, _ = address.group(2).partition(":")
+        return f"{address.group(1)}{user}:***@{text[address.end():]}" if colon else text
+    if "://" in text and "@" in text:  # a / ? or # in the password ends the address early: mask all
         scheme, _, rest = text.partition("://")
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    if parts.password is None:
-        return text
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return text
 
 
 def iter_settings(model: type[BaseModel] = Config, prefix: str = ""):
     """(dotted path, default, description) for every leaf setting, in declaration order."""
     for name, info in model.model_fields.items():
         path = f"{prefix}.{name}" if prefix else name
-        if _is_section(info.annotation):
+        if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
             yield from iter_settings(info.annotation, path)
         else:
             yield path, info.get_default(call_default_factory=True), info.description or ""
 
 
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, Section)
-
-
 # --- errors as one line ------------------------------------------------------------------------
 
-_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-             "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
-             "bool_parsing": "true or false", "string_type": "a string", "literal_error": "a string"}
-_MAPPING_ERRORS = ("model_type", "model_attributes_type", "dict_type")
-_YAML11_BOOL_HINT = " (YAML reads a plain yes, no, on or off as true or false: quote it)"
+# pydantic's words for a type or a bound, and the settings' own
+_WORDS = (("Input should be", "expected"), ("a valid integer", "an integer"), ("a valid number", "a number"),
+          ("a valid boolean", "true or false"), ("a valid string", "a string"),
+          ("greater than or equal to", "at least"), ("less than or equal to", "at most"))
 
 
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
-    """The section at a key path (None past a leaf setting)."""
+def _section(loc: list[str]) -> Any:
     model: Any = Config
     for name in loc:
-        info = model.model_fields.get(name) if model is not None else None
-        model = info.annotation if info is not None and _is_section(info.annotation) else None
+        model = model.model_fields[name].annotation
     return model
 
 
-def _out_of_range(loc: list[str], kind: str, value: Any) -> str:
-    info = _model_at(loc[:-1]).model_fields[loc[-1]]  # type: ignore[union-attr]
-    bounds = {name: getattr(m, name) for m in info.metadata for name in ("ge", "gt", "le") if hasattr(m, name)}
-    if kind == "less_than_equal":
-        return f"expected at most {bounds['le']}, got {_shown(value)}"
-    low = f"greater than {bounds['gt']}" if "gt" in bounds else f"at least {bounds['ge']}"
-    high = f" and at most {bounds['le']}" if "le" in bounds else ""
-    return f"expected {low}{high}, got {_shown(value)}"
-
-
-def _reason(error: dict, loc: list[str]) -> str:
-    """What is wrong with a setting, in the words of the settings (not of pydantic's types)."""
+def _reason(error: Any, loc: list[str]) -> str:
+    """A validator's own words, or pydantic's in the words of the settings."""
     kind, value = error["type"], error["input"]
-    raised = (error.get("ctx") or {}).get("error")
-    if raised is not None:  # a validator's own words
-        return str(raised)
+    if "error" in error.get("ctx", {}):
+        return str(error["ctx"]["error"])
     if kind == "extra_forbidden":
-        known = list(_model_at(loc[:-1]).model_fields)  # type: ignore[union-attr]
+        known = list(_section(loc[:-1]).model_fields)
         close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
         return "unknown setting" + (f" (did you mean '{close[0]}'?)" if close else "") + \
             f"; valid here: {', '.join(known)}"
-    if kind in _MAPPING_ERRORS:  # `tls: true` for `tls: {enabled: true}`: say which setting is meant
-        meant = isinstance(value, bool) and "enabled" in _model_at(loc).model_fields  # type: ignore[union-attr]
+    if kind == "model_type":  # `tls: true` for `tls: {enabled: true}`: say which setting is meant
+        meant = isinstance(value, bool) and "enabled" in _section(loc).model_fields
         return f"expected a mapping of settings, got {_shown(value)}" + \
             (f" (did you mean {'.'.join(loc)}.enabled: {str(value).lower()}?)" if meant else "")
-    if kind == "literal_error" and isinstance(value, str):
-        choices = typing.get_args(_model_at(loc[:-1]).model_fields[loc[-1]].annotation)  # type: ignore[union-attr]
-        return f"expected one of {', '.join(choices)}, got {_shown(value)}"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal"):
-        return _out_of_range(loc, kind, value)
-    if kind == "finite_number":
-        return f"expected a finite number, got {_shown(value)}"
-    expected = _EXPECTED.get(kind)
-    if expected is None:
-        return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {_shown(value)}"
-    if value is None:
-        return f"must not be empty, expected {expected}"
-    hint = _YAML11_BOOL_HINT if isinstance(value, bool) and expected == "a string" else ""
-    return f"expected {expected}, got {_shown(value)}{hint}"
+    text = error["msg"]
+    for theirs, ours in _WORDS:
+        text = text.replace(theirs, ours)
+    hint = " (YAML reads a plain yes, no, on or off as true or false: quote it)" \
+        if isinstance(value, bool) and kind in ("string_type", "literal_error") else ""
+    return f"{text[:1].lower()}{text[1:]}, got {_shown(value)}{hint}"
 
 
 def _one_line(exc: ValidationError, lines: _Lines) -> ConfigError:
     """The first validation error as `FILE:LINE: key.path: reason`."""
     error = exc.errors(include_url=False)[0]
     loc = [str(part) for part in error["loc"]]
-    raised = (error.get("ctx") or {}).get("error")
-    if isinstance(raised, Invalid) and raised.key:
-        loc += raised.key.split(".")
-    path = ".".join(loc) or "(top level)"
+    key = getattr(error.get("ctx", {}).get("error"), "key", None)
+    path = ".".join(loc + (key.split(".") if key else [])) or "(top level)"
     return ConfigError(f"{lines.where(path)}{path}: {_reason(error, loc)}")
 
 
 # --- reading the YAML ------------------------------------------------------------------------------
 
-_YAML11_OCTAL = re.compile(r"[-+]?0[0-7_]+")
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 class _Lines:
-    """The line of each key path ("mqtt.port") in a composed YAML document, for error messages;
-    and the YAML 1.1 traps in it, as ready error lines, in document order."""
+    """The line of each key path ("mqtt.port") in a composed YAML document, for error lines; refuses
+    the document's first YAML 1.1 trap."""
 
     def __init__(self, node: yaml.Node | None, origin: str):
         self.origin = origin
         self.lines: dict[str, int] = {}
-        self.traps: list[str] = []
         if node is not None:
             self._walk(node, "")
 
     def _walk(self, node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.ScalarNode):
             self._check(node, prefix)
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                self._walk(item, prefix)
         elif isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 path = f"{prefix}.{key.value}" if prefix else str(key.value)
                 line = key.start_mark.line + 1
-                if path in self.lines:
-                    # YAML would silently keep the last one: a typo'd copy of a section must not win unseen.
-                    self.traps.append(f"{self.origin}:{line}: {path}: set twice (first on line {self.lines[path]}); "
+                if path in self.lines:  # YAML keeps the last silently: a typo'd copy must not win unseen
+                    raise ConfigError(f"{self.origin}:{line}: {path}: set twice (first on line {self.lines[path]}); "
                                       "keep one")
-                    continue
                 self.lines[path] = line
                 self._walk(value, path)
 
@@ -569,20 +471,18 @@ class _Lines:
         if node.style is not None:  # quoted: text, as written
             return
         at = f"{self.origin}:{node.start_mark.line + 1}: "
-        # YAML 1.1 reads a plain 010 as octal 8: `source: 010` would open camera 8.
-        if node.tag == _INT and _YAML11_OCTAL.fullmatch(node.value):
-            self.traps.append(f"{at}{node.value} is an octal number in YAML (= {int(node.value.replace('_', ''), 8)}); "
-                              "write it without the leading zero, or quote it")
-        # ...and a plain 1:30 as base 60 (90): `source: 1:30` would open camera 90. Only the source,
-        # a text setting that also takes a number: elsewhere a number is meant, and
-        # `stats_interval_s: 1:00` (60) has always worked.
+        # A plain 010 is octal 8: `source: 010` would open camera 8.
+        if node.tag == _INT and re.fullmatch(r"[-+]?0[0-7_]+", node.value):
+            raise ConfigError(f"{at}{node.value} is an octal number in YAML (= {int(node.value.replace('_', ''), 8)})"
+                              "; write it without the leading zero, or quote it")
+        # A plain 1:30 is base 60 (90): camera 90. Only in the source: elsewhere a number is meant.
         elif path == "source" and ":" in node.value and node.tag in (_INT, _FLOAT):
-            self.traps.append(f"{at}{path}: {node.value} is a base-60 number in YAML (= {yaml.safe_load(node.value)}); "
-                              f"write the number you mean, or quote it ('{node.value}')")
+            raise ConfigError(f"{at}{path}: {node.value} is a base-60 number in YAML (= {yaml.safe_load(node.value)})"
+                              f"; write the number you mean, or quote it ('{node.value}')")
 
     def where(self, path: str) -> str:
-        """'FILE:LINE: ' of a key path, or of its closest section in the file (a rule about a key
-        left at its default); 'FILE: ' where neither is in it."""
+        """'FILE:LINE: ' of a key path, or of its closest section in the file (a rule about a key left at
+        its default); 'FILE: ' where neither is in it."""
         while path and path not in self.lines:
             path = path.rpartition(".")[0]
         line = self.lines.get(path)
@@ -591,17 +491,13 @@ class _Lines:
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_DEPTH = 16
-# A plain value that starts with { or [ is a YAML mapping or list: `topic_prefix: {hostname}/x`
-# does not parse, and the parser's words for it do not say why.
-_FLOW_START = re.compile(r"^\s*(-\s+)?[^#'\"]*?:\s+[{\[]")
 
 
 def _quoting_hint(text: str, mark: Any) -> str:
-    if mark is None:
-        return ""
+    """A plain value that starts with { or [ is a YAML mapping or list, and the parser does not say so."""
     lines = text.splitlines()
-    for number in {mark.line, max(mark.line - 1, 0)}:  # the parser may stop on the next line
-        if number < len(lines) and _FLOW_START.match(lines[number]):
+    for number in {mark.line, max(mark.line - 1, 0)} if mark else ():  # it may stop on the next line
+        if number < len(lines) and re.match(r"^\s*(-\s+)?[^#'\"]*?:\s+[{\[]", lines[number]):
             return f" (line {number + 1}: quote a text value that starts with {{ or [, as in " \
                    "topic_prefix: \"{hostname}/kitchen\")"
     return ""
@@ -610,29 +506,25 @@ def _quoting_hint(text: str, mark: Any) -> str:
 def _read(path: Path | str) -> str:
     if not str(path).strip():
         raise ConfigError("config path is empty")
-    file = Path(path)
     try:
-        if file.exists() and not file.is_file() and not file.is_dir():
-            raise ConfigError(f"config path is not a regular file: {path}")  # /dev/zero would never end
-        size = file.stat().st_size if file.is_file() else 0
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file too large: {path} ({size:,} bytes, "
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero would be read forever
+            raise ConfigError(f"config path is {'a directory' if stat.S_ISDIR(info.st_mode) else 'not a regular file'}"
+                              f": {path}")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file too large: {path} ({info.st_size:,} bytes, "
                               f"at most {MAX_CONFIG_BYTES:,}; a full config is a few KB)")
-        return file.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a file: {path}") from None
-    except PermissionError:
-        raise ConfigError(f"config file not readable (permission denied): {path}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file is not UTF-8 text: {path}") from None
-    except OSError as exc:  # a name too long, an I/O error
+    except OSError as exc:  # no permission, a name too long, an I/O error
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 
 
 def _check_events(text: str, origin: str) -> None:
-    """Before the document is composed: aliases, which have no use in this config and make any walk
+    """Before the document is composed: aliases, which the config has no use for and which make any walk
     of it exponential ("billion laughs"), and nesting deep enough to exhaust PyYAML's recursion."""
     depth = 0
     for event in yaml.parse(text):
@@ -663,23 +555,29 @@ def _parse(text: str, origin: str) -> tuple[Any, _Lines]:
         where = f"{origin}:{mark.line + 1}: " if mark else f"{origin}: "
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}invalid YAML: {problem}{_quoting_hint(text, mark)}") from None
-    lines = _Lines(node, origin)
-    if lines.traps:
-        raise ConfigError(lines.traps[0])
-    return data, lines
+    return data, _Lines(node, origin)
 
 
-# Settings that name a file. A relative one in a config file is taken from the file's folder, as
-# nginx and mosquitto do: the service runs in /var/lib/emotion-agent with its config in
-# /etc/emotion-agent, and check-config, run from anywhere, must find what the service finds.
+# Settings that name a file. A relative one in a config file is the file's folder's, as in nginx and
+# mosquitto: the service runs in /var/lib/emotion-agent, its config is in /etc/emotion-agent.
 _FILE_SETTINGS = ("source", "detector.model", "classifier.model", "mqtt.password_file", "mqtt.tls.ca_file",
                   "mqtt.tls.cert_file", "mqtt.tls.key_file")
+
+
+def _holder(data: Any, dotted: str, create: bool = False) -> tuple[Any, str]:
+    """The mapping that holds a dotted setting (None where there is none), and the setting's key in it."""
+    *sections, key = dotted.split(".")
+    for name in sections:
+        if create and not isinstance(data.get(name), dict):
+            data[name] = {}
+        data = data.get(name) if isinstance(data, dict) else None
+    return data, key
 
 
 def _in_folder(dotted: str, value: Any, folder: Path) -> Any:
     """A file setting's value from a config file in `folder`: a relative file name made the folder's."""
     if not isinstance(value, str) or not value.strip() or value.startswith("~") or Path(value).is_absolute():
-        return value  # not a relative file name; the validation says what is wrong with a non-text
+        return value  # no relative file name; the validation says what is wrong with a non-text
     if dotted == "source":
         value = value.strip()  # as capture.classify_source reads it
         if value.isdigit() or "://" in value:  # a camera index or a URL
@@ -692,36 +590,14 @@ def _in_folder(dotted: str, value: Any, folder: Path) -> Any:
     return str(folder / value)
 
 
-def _relative_to_config(data: dict, folder: Path) -> None:
-    for dotted in _FILE_SETTINGS:
-        *sections, key = dotted.split(".")
-        node: Any = data
-        for name in sections:
-            node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict) and key in node:
-            node[key] = _in_folder(dotted, node[key], folder)
-
-
-def _set_path(data: dict, dotted: str, value: Any) -> None:
-    node = data
-    keys = dotted.split(".")
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = {}
-            node[key] = child
-        node = child
-    node[keys[-1]] = value
-
-
 def setting_location(path: Path | str, key: str) -> str:
-    """'FILE:LINE: ' of a setting in a config file, for an error found after loading it (the source
-    checks of check-config); 'FILE: ' where the file does not set it."""
+    """'FILE:LINE: ' of a setting in a config file, for an error found after loading it (check-config's
+    source checks); 'FILE: ' where the file does not set it."""
     try:
         node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        node = None
-    return _Lines(node, str(path)).where(key)
+        return _Lines(node, str(path)).where(key)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
+        return f"{path}: "
 
 
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -729,15 +605,18 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
     (`--set detector.model=null` too: None means the default)."""
     origin = "" if path is None else str(path)
     text = "" if path is None else _read(path)
-    data, lines = _parse(text, origin) if text else (None, _Lines(None, origin))
+    data, lines = _parse(text, origin)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    if path is not None:  # before the overrides: a --source on the command line is the working folder's
-        _relative_to_config(data, Path(path).absolute().parent)
+    for dotted in _FILE_SETTINGS if path is not None else ():  # not the overrides': the working folder's
+        holder, key = _holder(data, dotted)
+        if isinstance(holder, dict) and key in holder:
+            holder[key] = _in_folder(dotted, holder[key], Path(path).absolute().parent)
     for dotted, value in (overrides or {}).items():
-        _set_path(data, dotted, value)
+        holder, key = _holder(data, dotted, create=True)
+        holder[key] = value
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -768,11 +647,9 @@ def short_hash(text: str) -> str:
 
 
 def client_id(cfg: MqttConfig) -> str:
-    """The configured id, or emotion-agent-<hostname>; with a topic root other than the default,
-    followed by the root made safe and a short hash of the root as it is. Two agents on one host,
-    told apart by their topic prefixes, must not share an id (the broker would keep disconnecting
-    one of them) nor, since the discovery node id comes from it, a Home Assistant device; and
-    `door/cam` and `door-cam` read alike once made safe."""
+    """The configured id, or emotion-agent-<hostname>, followed for a topic root other than the default by
+    the root made safe and its hash: two agents on one host must share neither a broker session nor (the
+    discovery node id comes from it) a Home Assistant device, and `door/cam` reads as `door-cam`."""
     if cfg.client_id:
         return cfg.client_id
     base = f"emotion-agent-{hostname()}"
@@ -785,38 +662,24 @@ def client_id(cfg: MqttConfig) -> str:
 
 def read_password(cfg: MqttConfig) -> str | None:
     """The MQTT password: password_file, then the environment, then systemd's credentials directory."""
-    found = _password(cfg)
-    if found is None:
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cfg.password_file:
+        what, path = "mqtt.password_file", Path(cfg.password_file)
+    elif os.environ.get(PASSWORD_ENV):
+        what, path = PASSWORD_ENV, None
+    elif creds and Path(creds, "mqtt_password").is_file():
+        what, path = "systemd credential mqtt_password", Path(creds, "mqtt_password")
+    else:
         return None
-    password, what = found
-    # paho's network thread dies on either of these (a struct error, an encoding error), and then
-    # the agent only ever says the broker is unreachable.
+    # paho's network thread dies on a password that is no UTF-8 or too long for MQTT, and then the
+    # agent only ever says the broker is unreachable. utf-8-sig: without a Windows editor's BOM.
     try:
+        password = os.environ[PASSWORD_ENV] if path is None else path.read_text(encoding="utf-8-sig").strip()
         size = len(password.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ConfigError(f"{what}: the password is not valid UTF-8") from None
+    except UnicodeError:
+        raise ConfigError(f"{what}: the password is not valid UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
     if size > MAX_MQTT_STRING:
         raise ConfigError(f"{what}: the password is too long: {size} bytes, MQTT allows {MAX_MQTT_STRING}")
     return password
-
-
-def _password(cfg: MqttConfig) -> tuple[str, str] | None:
-    """(the password, where it came from), or None."""
-    if cfg.password_file:
-        return _read_secret(Path(cfg.password_file), "mqtt.password_file"), "mqtt.password_file"
-    if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV], PASSWORD_ENV
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and (Path(creds) / "mqtt_password").is_file():
-        what = "systemd credential mqtt_password"
-        return _read_secret(Path(creds) / "mqtt_password", what), what
-    return None
-
-
-def _read_secret(path: Path, what: str) -> str:
-    try:  # utf-8-sig: without the byte-order mark Windows editors put first
-        return path.read_text(encoding="utf-8-sig").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}: not UTF-8 text: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
