@@ -92,6 +92,8 @@ class Publisher(Protocol):
 
     def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool: ...
 
+    def wait_connected(self, timeout: float) -> bool: ...
+
     def close(self, timeout: float = 5.0) -> None: ...
 
 
@@ -216,6 +218,7 @@ class MqttPublisher:
         self._retained: dict[str, Message] = {}
         self._unsent_retained: set[str] = set()  # topics whose latest retained value no connection has sent
         self._unacked: dict[int, Message] = {}  # handed to paho, by mid: not acknowledged (QoS 0: not written)
+        self._in_hand = 0  # taken from a queue by the sender, not yet in _unacked: pending all the same
         self._replay: set[int] = set()  # in flight at the connect: paho re-sends them before anything new
         self._early_acks: dict[int, ReasonCode] = {}  # acknowledged before the sender recorded them
         self._subscriptions: dict[str, tuple[Callback, int]] = {}
@@ -631,7 +634,7 @@ class MqttPublisher:
                 self._idle.notify_all()
 
     def _queued(self) -> int:
-        return len(self._outbox) + len(self._carried) + len(self._unacked)
+        return len(self._outbox) + len(self._carried) + len(self._unacked) + self._in_hand
 
     def _count_drop(self) -> None:
         self.dropped += 1
@@ -654,7 +657,13 @@ class MqttPublisher:
                     if source is None:
                         continue
                     message, client = source.popleft(), self._client
-                self._hand(client, message, source)
+                    self._in_hand = 1
+                try:
+                    self._hand(client, message, source)
+                finally:
+                    with self._lock:
+                        self._in_hand = 0
+                        self._idle.notify_all()
 
     def _source_locked(self) -> collections.deque[Message] | None:
         """Where the next message to hand to paho comes from; None while none may go. Lock held."""
@@ -830,6 +839,9 @@ class MemoryPublisher:
         return 0
 
     def flush(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        return True
+
+    def wait_connected(self, timeout: float) -> bool:
         return True
 
     def close(self, timeout: float = 5.0) -> None:
