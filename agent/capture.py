@@ -24,7 +24,7 @@ import numpy as np
 from agent import MAX_IMAGE_PIXELS
 from agent.config import is_stream_url, redact_url
 from agent.errors import SourceError
-from agent.types import Frame
+from agent.types import PAUSED, Frame
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ class FrameSource(Protocol):
 
     def corrupt(self) -> int:
         """Frames that were unreadable or malformed and were skipped."""
+
+    def pause(self) -> None:
+        """Analysis is switched off: a live source lets go of its camera or stream; a file is simply
+        not read meanwhile."""
+
+    def resume(self) -> None:
+        """Analysis is back on: a live source opens its camera or stream again."""
 
     def close(self) -> None: ...
 
@@ -249,6 +256,12 @@ class ImageSource:
     def corrupt(self) -> int:
         return 0
 
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
     def close(self) -> None:
         self._image = None
 
@@ -292,6 +305,7 @@ class VideoFileSource:
         while self._index < start_index and self._next(lambda: (self._cap.grab(), None), counted=False)[0]:
             self._index += 1
         self._start = time.monotonic() - self._index / self.fps  # realtime pacing goes on from there
+        self._paused_at: float | None = None
         self._ended = False
         self._frames: queue.Queue[Frame | None] = queue.Queue(maxsize=self.PREFETCH)
         self._stop = threading.Event()
@@ -393,6 +407,18 @@ class VideoFileSource:
     def corrupt(self) -> int:
         return self._corrupt
 
+    def pause(self) -> None:
+        """Nothing to let go of (the loop stops reading); with `realtime`, the video's clock stops."""
+        if self._paused_at is None:
+            self._paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        """With `realtime`, the video goes on at its own rate from where it was, not in a rush to
+        catch up with the time it was paused."""
+        if self._paused_at is not None:
+            self._start += time.monotonic() - self._paused_at
+            self._paused_at = None
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -407,6 +433,10 @@ class LiveSource:
     dropped. A failed read reopens the device with exponential backoff, forever, so an unplugged
     USB camera or a restarted RTSP server comes back by itself; a stream that sends nothing for
     `stall_timeout_s` counts as failed.
+
+    `pause()` closes the device or stream (its LED goes out, another program may open it) as soon
+    as the read under way returns: within a frame interval, or for a stalled stream at its stall
+    timeout. `resume()` opens it again. One made `paused` opens nothing until resumed.
     """
 
     live = True
@@ -418,7 +448,7 @@ class LiveSource:
 
     def __init__(self, target: int | str, *, width: int | None = None, height: int | None = None,
                  fps: float | None = None, retry_initial_s: float = 1.0, retry_max_s: float = 30.0,
-                 stall_timeout_s: float = 10.0, open_capture=None):
+                 stall_timeout_s: float = 10.0, open_capture=None, paused: bool = False):
         self._target = target
         self._props = {cv2.CAP_PROP_FRAME_WIDTH: width, cv2.CAP_PROP_FRAME_HEIGHT: height, cv2.CAP_PROP_FPS: fps}
         self._retry_initial = retry_initial_s
@@ -435,7 +465,8 @@ class LiveSource:
         self._captured = 0
         self._dropped = 0
         self._corrupt = 0
-        self._status = "starting"
+        self._paused = paused
+        self._status = PAUSED if paused else "starting"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
@@ -459,14 +490,18 @@ class LiveSource:
                 and cap.set(cv2.CAP_PROP_FORMAT, -1))
 
     def _set_status(self, status: str, why: str = "") -> None:
-        if status != self._status:
-            what = "stream" if self._stream else "camera"
-            logger.log(logging.WARNING if status != "ok" else logging.INFO, "%s %s: %s%s", what,
-                       redact_url(str(self._target)), status,
-                       f" ({why}; retrying with backoff up to every {self._retry_max:g} s)" if why else "")
+        """The capture thread's news; none while paused (the status says so until `resume`)."""
         with self._cond:
+            if self._paused or status == self._status:
+                return
             self._status = status
             self._cond.notify_all()
+        self._say(logging.WARNING if status != "ok" else logging.INFO, status,
+                  f" ({why}; retrying with backoff up to every {self._retry_max:g} s)" if why else "")
+
+    def _say(self, level: int, status: str, why: str = "") -> None:
+        logger.log(level, "%s %s: %s%s", "stream" if self._stream else "camera", redact_url(str(self._target)),
+                   status, why)
 
     def _why_not_open(self) -> str:
         problem = self._stream and http_stream_problem(str(self._target), min(self._stall_timeout, 5.0))
@@ -475,51 +510,93 @@ class LiveSource:
     def _run(self) -> None:
         delay = self._retry_initial
         while not self._stop.is_set():
+            if self._paused:
+                self._wait_for(lambda: not self._paused)
+                delay = self._retry_initial  # back on: opened at once
+                continue
             cap = self._open()
             if cap is None:
-                if self._status != "reconnecting":  # said once, as it goes
+                if self._status not in ("reconnecting", PAUSED):  # said once, as it goes
                     self._set_status("reconnecting", f"cannot open it: {self._why_not_open()}")
-                self._stop.wait(delay)
+                self._wait_for(lambda: self._paused, delay)
                 delay = min(delay * 2, self._retry_max)
                 continue
-            failures = 0
-            jpegs = self._hands_over_jpegs(cap)
-            while not self._stop.is_set():
-                if jpegs:
-                    # Not `read`: it fails for an empty part (some cameras send one while the sensor
-                    # is busy) as for a lost stream, and five in a row reopened it. Its grab works.
-                    ok = cap.grab()
-                    image = decoded_jpeg(cap.retrieve()[1]) if ok else None
-                else:
-                    ok, image = cap.read()
-                if not ok:
-                    failures += 1
-                    # A few failed reads in a row mean the device or stream is gone.
-                    if failures >= 5:
-                        break
-                    continue
-                if not _valid_frame(image):
-                    self._corrupt += 1
-                    continue
-                self._corrupt += failures  # reads that failed between good frames: damaged ones, skipped
-                failures = 0
+            if self._read_until_lost(cap):
                 delay = self._retry_initial
-                if self._status != "ok":
-                    self._set_status("ok")  # logged when the camera is back, not on every frame
-                with self._cond:
-                    if self._latest_index > self._consumed_index:
-                        self._dropped += 1  # overwritten before anyone took it
-                    self._captured += 1
-                    self._latest = image
-                    self._latest_index = self._captured - 1
-                    self._latest_time = time.monotonic()
-                    self._status = "ok"
-                    self._cond.notify_all()
             cap.release()
-            if not self._stop.is_set():
+            if not (self._stop.is_set() or self._paused):
                 self._set_status("reconnecting", "it stopped giving frames")
-                self._stop.wait(delay)
+                self._wait_for(lambda: self._paused, delay)
                 delay = min(delay * 2, self._retry_max)
+
+    def _wait_for(self, condition: Callable[[], bool], timeout: float | None = None) -> None:
+        """Waits until `condition()` (checked whenever pause, resume or close notify), the source is
+        closed, or `timeout` passed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop.is_set() or condition(), timeout)
+
+    def _read_until_lost(self, cap: cv2.VideoCapture) -> bool:
+        """Reads `cap` into the newest frame until it fails, the source is paused or closed; whether
+        any frame came."""
+        got = False
+        failures = 0
+        jpegs = self._hands_over_jpegs(cap)
+        while not (self._stop.is_set() or self._paused):
+            if jpegs:
+                # Not `read`: it fails for an empty part (some cameras send one while the sensor
+                # is busy) as for a lost stream, and five in a row reopened it. Its grab works.
+                ok = cap.grab()
+                image = decoded_jpeg(cap.retrieve()[1]) if ok else None
+            else:
+                ok, image = cap.read()
+            if not ok:
+                failures += 1
+                # A few failed reads in a row mean the device or stream is gone.
+                if failures >= 5:
+                    break
+                continue
+            if not _valid_frame(image):
+                self._corrupt += 1
+                continue
+            self._corrupt += failures  # reads that failed between good frames: damaged ones, skipped
+            failures = 0
+            got = True
+            self._set_status("ok")  # logged when the camera is back, not on every frame
+            self._keep(image)
+        return got
+
+    def _keep(self, image: np.ndarray) -> None:
+        """`image` becomes the newest frame (not once paused: it would be handed out on resume)."""
+        with self._cond:
+            if self._paused:
+                return
+            if self._latest_index > self._consumed_index:
+                self._dropped += 1  # overwritten before anyone took it
+            self._captured += 1
+            self._latest = image
+            self._latest_index = self._captured - 1
+            self._latest_time = time.monotonic()
+            self._status = "ok"
+            self._cond.notify_all()
+
+    def pause(self) -> None:
+        with self._cond:
+            if self._paused:
+                return
+            self._paused = True
+            self._status = PAUSED
+            self._consumed_index = self._latest_index  # a frame from before the pause is not handed out after it
+            self._cond.notify_all()
+        self._say(logging.INFO, "paused: closing it")
+
+    def resume(self) -> None:
+        with self._cond:
+            if not self._paused:
+                return
+            self._paused = False
+            self._status = "starting"
+            self._cond.notify_all()
+        self._say(logging.INFO, "resumed: opening it")
 
     def read(self, timeout: float = 1.0) -> Frame | None:
         """The newest frame not yet handed out; waits up to `timeout`, then returns None only if
@@ -654,7 +731,8 @@ _SAID_IGNORED: set[tuple[str, ...]] = set()
 def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool = False,
                 start_index: int = 0) -> FrameSource:
     """The frame source for a --source string, configured from the camera section (`start_index`:
-    where a video file starts)."""
+    where a video file starts). A camera or stream is made paused: it is opened by `resume()`, once
+    the agent knows that analysis is on (Agent.run)."""
     kind, target = classify_source(source)
     if kind == "video":
         check_file_source(kind, target)
@@ -673,4 +751,4 @@ def make_source(source: str, camera=None, *, realtime: bool = False, loop: bool 
         options = dict(width=camera.width, height=camera.height, fps=camera.fps,
                        retry_initial_s=camera.retry_initial_s, retry_max_s=camera.retry_max_s,
                        stall_timeout_s=camera.stall_timeout_s)
-    return LiveSource(target, **options)
+    return LiveSource(target, paused=True, **options)

@@ -10,7 +10,8 @@ The entities, all on one device:
 - diagnostic sensors on the stats topic: frames per second, camera status (an `enum` sensor),
   dropped frames and dropped MQTT messages;
 - two `event` entities fed by the event topics: "Emotion" fires on every emotion change with the
-  new emotion as its event type, "Face" on every face event with its kind as the event type.
+  new emotion as its event type, "Face" on every face event with its kind as the event type;
+- a `switch`, "Analysis": the privacy switch (off closes the camera), retained on both its topics.
 
 tests/test_discovery.py checks every payload against HA's schema and renders every template
 against real payloads; docs/mqtt.md shows what HA makes of them.
@@ -27,11 +28,12 @@ from typing import Any
 from agent import __version__
 from agent.config import default_topic_root, short_hash
 from agent.mqtt import OFFLINE, ONLINE
+from agent.switch import ANALYSIS_OFF, ANALYSIS_ON
 from agent.topics import EVENT_KINDS, Topics
-from agent.types import CAMERA_STATUSES, NO_FACE, STATES, UNCERTAIN
+from agent.types import CAMERA_STATUSES, NO_FACE, PAUSED, STATES, UNCERTAIN
 
-# What `payloads.dominant_emotion` can report.
-DOMINANT_OPTIONS = STATES + (NO_FACE,)
+# What the state's dominant_emotion can be: `payloads.dominant_emotion`, or paused.
+DOMINANT_OPTIONS = STATES + (NO_FACE, PAUSED)
 
 # Entity names are shown after the device name ("Emotion agent pi4 Happy faces"), so they name
 # only the feature (HA's has_entity_name convention, on for every MQTT entity since HA 2023.8).
@@ -180,6 +182,11 @@ def discovery_messages(s: DiscoverySettings) -> list[tuple[str, dict[str, Any]]]
                icon="mdi:emoticon-excited-outline"),
         _event(s, "face", "Face", s.topics.events_filter, list(EVENT_KINDS),
                _json_template({"event_type": "event", "face_id": "face_id"}), icon="mdi:face-recognition"),
+        # retain: HA publishes its command retained, so a switch flipped while the agent is away
+        # is applied when it comes back
+        _entity(s, "switch", "analysis", "Analysis", command_topic=s.topics.analysis_command,
+                state_topic=s.topics.analysis, payload_on=ANALYSIS_ON, payload_off=ANALYSIS_OFF,
+                retain=True, qos=1, icon="mdi:cctv"),
     ]
     return messages
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from agent.events import EmotionChanged, Event, FaceAppeared, FaceLost, TrackedFace
-from agent.types import NO_FACE, STATES, UNCERTAIN
+from agent.types import NO_FACE, PAUSED, STATES, UNCERTAIN
 
 SCHEMA_VERSION = 1
 
@@ -89,6 +89,11 @@ def state_payload(faces: Sequence[TrackedFace], wall_time: float) -> dict[str, A
         "counts": {state: counts.get(state, 0) for state in STATES},
         "faces": [_face(f) for f in sorted(faces, key=lambda f: f.face_id)],
     }
+
+
+def paused_state_payload(wall_time: float) -> dict[str, Any]:
+    """The state while analysis is switched off: no face, and `paused` for the dominant emotion."""
+    return {**state_payload([], wall_time), "dominant_emotion": PAUSED}
 
 
 def state_key(faces: Sequence[TrackedFace]) -> tuple:

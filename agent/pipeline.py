@@ -29,7 +29,8 @@ from agent.notify import SystemdNotifier
 from agent.signal_event import SignalSafeEvent
 from agent.stats import StageTimes, Stopwatch
 from agent.topics import Topics
-from agent.types import Detection, FaceObservation, Frame
+from agent.switch import AnalysisSwitch, state_word
+from agent.types import PAUSED, Detection, FaceObservation, Frame
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ STILL_IMAGE_STEP_S = 0.1
 PACE_SLICE_S = 1.0
 # The least time between two stats that a camera status change sends.
 STATUS_STATS_MIN_S = 1.0
+# While analysis is paused the loop wakes this often (and at once for a command) to ping the
+# watchdog and send the stats and the state when they are due.
+PAUSE_SLICE_S = 1.0
 
 
 # The stages from the whole config, each built from its own section (run, check-config, the tools).
@@ -94,7 +98,7 @@ def retained_topics(cfg: Config) -> set[str]:
     broker and the agent's own close keep telling the truth about)."""
     topics = Topics(topic_root(cfg.mqtt))
     settings = discovery_settings(cfg)
-    found = {topics.state, topics.stats}
+    found = {topics.state, topics.stats, topics.analysis}
     if settings is not None:
         found.update(topic for topic, _ in discovery_messages(settings))
     return found
@@ -140,16 +144,20 @@ class Agent:
     clock: Callable[[], float] = time.time
     times: StageTimes = field(default_factory=StageTimes)
     on_frame: Callable[[], None] | None = None  # called after each processed frame (progress, limits)
+    switch: AnalysisSwitch = field(default_factory=lambda: AnalysisSwitch(True))  # whether to analyse
     _stop: threading.Event = field(default_factory=SignalSafeEvent)  # set from signal handlers
     _watch: Stopwatch = field(default_factory=Stopwatch)
     _last_detect: float | None = None
     _stats_camera: str | None = None  # the camera status the last stats said
     _stats_at: float = -math.inf  # when the last stats went out (monotonic)
+    _state_at: float = -math.inf  # when the last state went out (monotonic)
+    _paused: bool = False  # analysis switched off: the source let go, nothing read
     _detected: list = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic)
 
     def stop(self) -> None:
         self._stop.set()
+        self.switch.wake()  # a paused loop waits on it
 
     @property
     def stopping(self) -> bool:
@@ -177,7 +185,15 @@ class Agent:
             window.add_events(lost)
 
     def _publish_state(self, faces: Sequence[TrackedFace]) -> None:
-        self._publish(self.topics.state, payloads.state_payload(faces, self.clock()), retain=True)
+        """The state; while paused, one that says so (there are no faces then)."""
+        wall = self.clock()
+        payload = payloads.paused_state_payload(wall) if self._paused else payloads.state_payload(faces, wall)
+        self._state_at = time.monotonic()
+        self._publish(self.topics.state, payload, retain=True)
+
+    def _publish_analysis(self) -> None:
+        """The switch's state, ON or OFF, retained: what Home Assistant shows."""
+        self.publisher.publish(Message(self.topics.analysis, state_word(not self._paused), retain=True, qos=1))
 
     def _publish_stats(self) -> None:
         payload = self.stats_payload()
@@ -205,7 +221,7 @@ class Agent:
             "latency_ms": self.times.latency_ms(),
             "dropped_frames": self.source.dropped(),
             "corrupt_frames": self.source.corrupt(),
-            "camera": self.source.status(),
+            "camera": PAUSED if self._paused else self.source.status(),
             "mqtt": {"dropped": pub.dropped, "refused": pub.refused, "pending": pub.pending(), "connects": pub.connects},
         }
 
@@ -306,6 +322,12 @@ class Agent:
     def _begin(self) -> _Loop:
         """What goes out before the first frame, and the loop's state."""
         self.publish_discovery()
+        # A camera is opened only now, and only with analysis on (make_source made it paused).
+        self._paused = not self.switch.enabled
+        (self.source.pause if self._paused else self.source.resume)()
+        if self._paused:
+            logger.info("analysis is off: waiting for ON on %s", self.topics.analysis_command)
+        self._publish_analysis()
         # No face until a frame shows one: this replaces whatever an earlier process left retained
         # (a crash, a watchdog restart, a camera absent at boot), which would read as faces in view.
         self._publish_state([])
@@ -323,7 +345,14 @@ class Agent:
                      last_state_key=payloads.state_key([]))
 
     def _step(self, loop: _Loop) -> bool:
-        """One frame, or one wait for a live source that has none; False once the run is over."""
+        """One frame, or one wait for a live source that has none or while paused; False once the
+        run is over."""
+        paused = not self.switch.enabled
+        if paused != self._paused:
+            (self._pause if paused else self._resume)(loop)
+        if paused:
+            self._paused_step(loop)
+            return True
         frame_started = time.monotonic()
         frame, fresh = next(loop.frames, (None, None))
         if frame is not None:
@@ -424,6 +453,40 @@ class Agent:
         if time.monotonic() - self._stats_at >= self.cfg.mqtt.stats_interval_s or self._camera_status_changed():
             self._publish_stats()
 
+    def _pause(self, loop: _Loop) -> None:
+        """Analysis switched off: the source lets go of the camera, the faces in view are lost (once),
+        and the state, the switch and the stats say paused."""
+        self._paused = True
+        self.source.pause()
+        self._report_lost(self.tracker.close(loop.now), loop.window, loop.result)
+        self._set_state(loop, [])
+        self._publish_analysis()
+        self._publish_stats()
+        logger.info("analysis paused: %s", "the camera is closed" if self.source.live else "the file is not read")
+
+    def _resume(self, loop: _Loop) -> None:
+        """Analysis back on: the source opens the camera again (or the file goes on); new faces get
+        new ids, as the tracker goes on counting."""
+        self._paused = False
+        self.source.resume()
+        self._set_state(loop, [])
+        self._publish_analysis()
+        self._publish_stats()
+        logger.info("analysis resumed")
+
+    def _paused_step(self, loop: _Loop) -> None:
+        """While paused nothing is read. The agent is not hung: the watchdog is pinged, and the stats
+        and the paused state (a heartbeat for Home Assistant's expire_after) go out at their
+        intervals, on the wall clock."""
+        self.notifier.status("analysis paused")
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if now - self._stats_at >= self.cfg.mqtt.stats_interval_s:
+            self._publish_stats()
+        if now - self._state_at >= self.cfg.mqtt.summary_interval_s:
+            self._publish_state([])
+        self.switch.wait_changed(PAUSE_SLICE_S)
+
     def _set_state(self, loop: _Loop, faces: list[TrackedFace]) -> None:
         loop.faces = faces
         self._publish_state(faces)
@@ -445,10 +508,13 @@ class Agent:
 
 def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop: bool = False,
                 start_index: int = 0, first_face_id: int = 1, source: FrameSource | None = None,
-                publisher: Publisher | None = None) -> Agent:
+                publisher: Publisher | None = None, switch: AnalysisSwitch | None = None) -> Agent:
     """Every stage from the config (a source or publisher given here replaces the configured one;
     `start_index`: the frame a video file starts at; `first_face_id`: the id of its first face, so
-    that a reload reuses none). Raises AgentError subclasses with one-line messages."""
+    that a reload reuses none; `switch`: whether to analyse, the supervisor's, which outlives the
+    agent; without one, always). A publisher made here takes the switch's commands. Raises
+    AgentError subclasses with one-line messages."""
+    switch = switch or AnalysisSwitch(True)
     topics = Topics(topic_root(cfg.mqtt))
     preview = None
     if show:  # first: a missing display should not wait for the models to load
@@ -479,7 +545,10 @@ def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop
         except BaseException:
             source.close()
             raise
+        # Subscribed with the agent's own credentials, under the broker's ACL; again at every connect.
+        publisher.subscribe(topics.analysis_command, switch.command)
     agent = Agent(cfg=cfg, source=source, detector=detector, classifier=classifier,
-                  tracker=make_tracker_from(cfg, first_face_id), publisher=publisher, topics=topics, preview=preview)
+                  tracker=make_tracker_from(cfg, first_face_id), publisher=publisher, topics=topics, preview=preview,
+                  switch=switch)
     holder["agent"] = agent
     return agent

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,10 +21,18 @@ from agent.mqtt import MqttPublisher, Publisher, check_tls_files, tls_files_dige
 from agent.pipeline import Agent, RunResult, retained_topics
 from agent.retained_record import RetainedRecord, record_path
 from agent.signal_event import SignalSafeEvent
+from agent.switch import AnalysisSwitch, state_word
 
 logger = logging.getLogger(__name__)
 
 SIGNAL_FLUSH_S = 3.0  # leaves room in the 10 s the unit gives for a clean stop (TimeoutStopSec)
+# Before a new connection's first agent opens its camera, so that a retained OFF keeps closed a
+# camera that was never opened: how long the broker is waited for (one on the same host or LAN
+# answers well within it; one that refuses or is not there is not waited for) ...
+BROKER_WAIT_S = 5.0
+# ... and then for it to acknowledge `online`, sent after the SUBSCRIBE: a broker answers a client
+# in order, so by then it has sent the retained command, if there is one.
+COMMAND_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,8 @@ class Supervisor:
     """Runs agents until a stop, a file's end or a fatal error; returns the exit status.
 
     `reload` reads the config file again (and applies its log level); it raises ConfigError for a
-    config that does not validate."""
+    config that does not validate. The privacy switch is the supervisor's: a reload keeps what
+    the last MQTT command said."""
 
     def __init__(self, cfg: Config, options: RunOptions, reload: Callable[[], Config]):
         self.cfg = cfg
@@ -59,6 +69,7 @@ class Supervisor:
                                                   options.topic_prefix))
         self._start_index = 0  # where a video file starts: after a reload, the frame the last agent reached
         self._first_face_id = 1  # after a reload, the last agent's next: a face id is never reused while the process runs
+        self.switch = AnalysisSwitch(cfg.camera.enabled)
 
     def run(self) -> int:
         while not self.terminate.is_set():
@@ -81,7 +92,7 @@ class Supervisor:
         try:
             return pipeline.build_agent(self.cfg, show=o.show, realtime=o.realtime, loop=o.loop,
                                         start_index=self._start_index, first_face_id=self._first_face_id,
-                                        publisher=self._kept_publisher)
+                                        publisher=self._kept_publisher, switch=self.switch)
         except Exception as exc:
             if self._previous_cfg is None:
                 raise
@@ -102,12 +113,27 @@ class Supervisor:
             logger.info("emptying %d retained topic(s) an earlier configuration left on the broker", len(stale))
         if self._kept_publisher is None:
             agent.publisher.start()
+            self._await_retained_command(agent)
         try:
             return agent.run()
         finally:
             agent.source.close()
             if agent.preview is not None:
                 agent.preview.close()
+
+    def _await_retained_command(self, agent: Agent) -> None:
+        """Gives a retained command the time to arrive before the agent's camera opens (a reboot
+        while paused stays paused). Without a broker, camera.enabled decides until one connects."""
+        publisher = agent.publisher
+        deadline = time.monotonic() + BROKER_WAIT_S
+        while not publisher.wait_connected(0.1):
+            if publisher.last_error is not None or time.monotonic() >= deadline:
+                logger.info("no broker yet: analysis %s as camera.enabled says, until a command on %s says "
+                            "otherwise", state_word(self.switch.enabled), agent.topics.analysis_command)
+                return
+            if agent.stopping:
+                return
+        publisher.flush(COMMAND_WAIT_S, cancel=self.terminate)
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -144,6 +170,11 @@ class Supervisor:
     def _reload_after(self, agent: Agent, result: RunResult) -> None:
         """Reads the config again and sets up the next agent to go on from `agent`."""
         new_cfg = self._reloaded_config()
+        self.switch.configure(new_cfg.camera.enabled)
+        if self.switch.enabled != new_cfg.camera.enabled:
+            logger.info("SIGHUP: camera.enabled is %s, but the last command on %s (%s) decides while the agent runs",
+                        str(new_cfg.camera.enabled).lower(), agent.topics.analysis_command,
+                        state_word(self.switch.enabled))
         # A video file goes on from the frame it reached: played from the start again, its
         # events would all be published twice. (With --loop it starts over anyway.)
         file_run = not (self.options.loop or agent.source.live or agent.source.still)

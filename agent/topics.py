@@ -41,6 +41,16 @@ class Topics:
         """Retained: frames/s, latencies, dropped frames, camera and broker status."""
         return f"{self.root}/stats"
 
+    @property
+    def analysis(self) -> str:
+        """Retained ON or OFF: whether the agent is analysing (the privacy switch's state)."""
+        return f"{self.root}/analysis"
+
+    @property
+    def analysis_command(self) -> str:
+        """ON or OFF from Home Assistant's switch (retained there), or anyone the broker's ACL allows."""
+        return f"{self.root}/analysis/set"
+
     def event(self, kind: str) -> str:
         """Never retained: face_appeared, emotion_changed, face_lost."""
         if kind not in EVENT_KINDS:

@@ -31,10 +31,12 @@ UNCERTAIN = "uncertain"
 STATES: tuple[str, ...] = EMOTION_LABELS + (UNCERTAIN,)
 # The dominant emotion of the state and summary payloads when no face is in view.
 NO_FACE = "none"
+# The state's dominant emotion, and the stats' camera status, while analysis is switched off.
+PAUSED = "paused"
 
 # What a frame source says of itself (`FrameSource.status`): the stats' `camera` field and the
 # options of Home Assistant's Camera sensor, which rejects a state that is not among them.
-CAMERA_STATUSES: tuple[str, ...] = ("starting", "ok", "reconnecting", "ended")
+CAMERA_STATUSES: tuple[str, ...] = ("starting", "ok", "reconnecting", "ended", PAUSED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,16 @@ def video_jpegs(path: str, limit: int = 60) -> list[bytes]:
     return frames
 
 
+def _closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the client has closed its end (it sends nothing after its request)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class _Server(socketserver.ThreadingTCPServer):
     # Its own class: setting these on ThreadingTCPServer would change it for the whole process.
     allow_reuse_address = True  # up() binds the same port again at once
@@ -55,6 +65,9 @@ class MjpegServer:
     `down()`: every connection is closed and the port refuses, until `up()`.
     `send_next(data, length)`: the next part each client gets carries `data` instead of a frame,
     and `length` (as given) in its Content-Length header instead of the length of `data`.
+    `streaming()`: how many clients are being sent the stream now. A client that closes its end is
+    seen as gone at the next part the server sends it (a frame interval later), or at once while
+    the stream is stalled.
     """
 
     def __init__(self, frames: Sequence[bytes], fps: float = 10.0, *, content_length: bool = True, port: int = 0):
@@ -68,6 +81,7 @@ class MjpegServer:
         self._injected: list[bytes] = []
         self._lock = threading.Lock()
         self._clients: set[socket.socket] = set()
+        self._streams: set[socket.socket] = set()  # the clients of /stream, until their connection ends
         self._server: socketserver.ThreadingTCPServer | None = None
         self.port = port
         self._listen()
@@ -114,9 +128,13 @@ class MjpegServer:
                           f"Content-Type: multipart/x-mixed-replace;boundary={BOUNDARY}\r\n"
                           + "Transfer-Encoding: chunked\r\n"
                           + "Access-Control-Allow-Origin: *\r\n\r\n").encode())
+            with self._lock:
+                self._streams.add(conn)
             index = 0
             while True:
-                self._running.wait()
+                while not self._running.wait(0.05):
+                    if _closed_by_peer(conn):
+                        return
                 with self._lock:
                     body, length = self._injected.pop(0) if self._injected else (self.frames[index % len(self.frames)], None)
                 index += 1
@@ -132,10 +150,15 @@ class MjpegServer:
         finally:
             with self._lock:
                 self._clients.discard(conn)
+                self._streams.discard(conn)
             try:
                 conn.close()
             except OSError:
                 pass
+
+    def streaming(self) -> int:
+        with self._lock:
+            return len(self._streams)
 
     def send_next(self, data: bytes, length: str | None = None) -> None:
         with self._lock:

@@ -71,6 +71,7 @@ def scenario_payloads() -> dict[str, dict]:
             examples["state" if faces else "state_empty"] = state
             last_key = key
     examples["summary"] = window.payload(now, [], WALL_START + now)
+    examples["state_paused"] = payloads.paused_state_payload(WALL_START + 60)  # switched off a minute in
     return examples
 
 

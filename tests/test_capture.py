@@ -162,7 +162,9 @@ def unix_socket(path) -> str:
 def test_a_missing_camera_device_is_waited_for_like_an_unplugged_camera(caplog, source):
     source = make_source(source, None)
     try:
-        assert source.live and source.read(timeout=0.3) is None
+        assert source.live and source.status() == "paused"  # opened by the agent once analysis is on
+        source.resume()
+        assert source.read(timeout=0.3) is None
         assert source.status() in ("starting", "reconnecting")
     finally:
         source.close()
@@ -387,12 +389,14 @@ def test_the_statuses_sources_report_are_the_ones_home_assistant_is_offered(mjpe
     server.stall()
     wait_until(lambda: stream.status() != "ok", timeout=5)
     seen.append(stream.status())
+    stream.pause()
+    seen.append(stream.status())
     video = VideoFileSource(str(write_video(tmp_path / "clip.avi", frames=3)))
     seen.append(video.status())
     while video.read() is not None:
         pass
     seen.append(video.status())
-    assert seen == ["starting", "ok", "reconnecting", "ok", "ended"]
+    assert seen == ["starting", "ok", "reconnecting", "paused", "ok", "ended"]
     assert set(seen) == set(CAMERA_STATUSES)
 
 

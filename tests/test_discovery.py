@@ -36,7 +36,8 @@ from agent.config import Config, client_id
 from agent.events import EmotionChanged, FaceAppeared, FaceLost, TrackedFace
 from agent.mqtt import OFFLINE, ONLINE, MemoryPublisher
 from agent.topics import EVENT_KINDS, Topics
-from agent.types import CAMERA_STATUSES, EMOTION_LABELS, UNCERTAIN, Box, EmotionScores
+from agent.switch import ANALYSIS_OFF, ANALYSIS_ON, parse_command
+from agent.types import CAMERA_STATUSES, EMOTION_LABELS, PAUSED, UNCERTAIN, Box, EmotionScores
 
 WALL = 1_700_000_000.25
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +133,13 @@ ORIGIN = {"name": STRING, "sw_version": STRING, "support_url": url}
 AVAILABILITY_ITEM = {"topic": subscribe_topic, "payload_available": STRING, "payload_not_available": STRING,
                      "value_template": TEMPLATE}
 
+def publish_topic(v: Any) -> str | None:
+    # util.valid_publish_topic: a valid topic without wildcards.
+    if isinstance(v, str) and ("+" in v or "#" in v):
+        return f"a wildcard in a topic to publish to: {v!r}"
+    return subscribe_topic(v)
+
+
 COMMON = {
     # availability (schemas.py)
     "availability_topic": subscribe_topic, "availability_template": TEMPLATE,
@@ -165,7 +173,15 @@ EVENT = {
     "device_class": optional(one_of("button", "doorbell", "motion")),  # EventDeviceClass
     "name": optional(STRING), "event_types": string_list,
 }
-COMPONENTS = {"sensor": (SENSOR, ("state_topic",)), "event": (EVENT, ("state_topic", "event_types"))}
+# .../mqtt/switch.py: MQTT_RW_SCHEMA (config.py: command_topic required, retain) and its own keys.
+SWITCH = {
+    **COMMON,
+    "command_topic": publish_topic, "command_template": TEMPLATE, "retain": BOOLEAN, "optimistic": BOOLEAN,
+    "payload_on": STRING, "payload_off": STRING, "state_on": STRING, "state_off": STRING,
+    "device_class": optional(one_of("outlet", "switch")), "name": optional(STRING),
+}
+COMPONENTS = {"sensor": (SENSOR, ("state_topic",)), "event": (EVENT, ("state_topic", "event_types")),
+              "switch": (SWITCH, ("command_topic",))}
 
 # discovery.py TOPIC_MATCHER, anchored at our prefix.
 TOPIC_PATTERN = r"(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config"
@@ -259,12 +275,14 @@ def published(agent) -> list[tuple[str, dict[str, Any], bool]]:
 
 
 @pytest.fixture
-def samples(agent) -> dict[str, list[dict[str, Any]]]:
-    """Real payloads per topic, as the agent builds them."""
+def samples(agent) -> dict[str, list[Any]]:
+    """Real payloads per topic, as the agent builds them (JSON ones parsed; the switch's state is
+    plain text)."""
     topics = agent.topics
-    by_topic: dict[str, list[dict[str, Any]]] = {
-        topics.state: [payloads.state_payload(faces, WALL) for faces in FACE_SETS],
+    by_topic: dict[str, list[Any]] = {
+        topics.state: [payloads.state_payload(faces, WALL) for faces in FACE_SETS] + [payloads.paused_state_payload(WALL)],
         topics.stats: [agent.stats_payload()],
+        topics.analysis: [ANALYSIS_ON, ANALYSIS_OFF],
     }
     for payload in event_samples():
         by_topic.setdefault(topics.event(payload["event"]), []).append(payload)
@@ -420,9 +438,15 @@ def payloads_for(state_topic: str, samples: dict[str, list[dict]]) -> list[dict]
     return [p for topic, ps in samples.items() if topic_matches_sub(state_topic, topic) for p in ps]
 
 
+def templated(published) -> list[tuple[str, dict[str, Any], bool]]:
+    """The entities that read a JSON payload through a value template (all but the switch, whose
+    state is the plain ON or OFF: test_the_switch_...)."""
+    return [(topic, payload, retained) for topic, payload, retained in published if topic.split("/")[1] != "switch"]
+
+
 def test_templates_refer_only_to_fields_the_payloads_contain(published, samples):
     missing = []
-    for topic, payload, _ in published:
+    for topic, payload, _ in templated(published):
         paths = VALUE_JSON_PATH.findall(payload["value_template"])
         assert paths, f"{topic}: no value_json path in {payload['value_template']!r}"
         for sample in payloads_for(payload["state_topic"], samples):
@@ -449,22 +473,37 @@ def test_numeric_sensors_read_numbers(published, samples):
 def test_dominant_emotion_options_cover_every_value_the_state_can_report(published, samples, agent):
     (payload,) = [p for _, p, _ in published if p["unique_id"].endswith("_dominant_emotion")]
     reported = {s["dominant_emotion"] for s in samples[agent.topics.state]}
-    # The face sets reach every value: each label, "uncertain" and "none".
-    assert reported == set(EMOTION_LABELS) | {UNCERTAIN, payloads.NO_FACE}
+    # The face sets reach every value: each label, "uncertain" and "none"; and "paused".
+    assert reported == set(EMOTION_LABELS) | {UNCERTAIN, payloads.NO_FACE, PAUSED}
     assert set(payload["options"]) == reported
 
 
 def test_the_camera_sensor_is_an_enum_of_every_camera_status(published):
     (payload,) = [p for _, p, _ in published if p["unique_id"].endswith("_camera")]
     # docs/mqtt.md's list; test_capture checks that sources report exactly CAMERA_STATUSES
-    assert payload["device_class"] == "enum" and payload["options"] == ["starting", "ok", "reconnecting", "ended"]
+    assert payload["device_class"] == "enum" and payload["options"] == [
+        "starting", "ok", "reconnecting", "ended", "paused"]
     assert payload["options"] == list(CAMERA_STATUSES)
+
+
+def test_the_switch_commands_the_agent_and_shows_the_state_it_publishes(published, samples, agent):
+    (payload,) = [p for t, p, _ in published if t.split("/")[1] == "switch"]
+    assert payload["name"] == "Analysis" and payload["icon"].startswith("mdi:")
+    # HA publishes payload_on/off to the command topic: the agent's own subscription reads them.
+    assert payload["command_topic"] == agent.topics.analysis_command
+    assert parse_command(payload["payload_on"].encode()) is True
+    assert parse_command(payload["payload_off"].encode()) is False
+    # The state HA shows is the one the agent publishes (no state_on/off: the payloads are the same).
+    assert payload["state_topic"] == agent.topics.analysis
+    assert set(samples[agent.topics.analysis]) == {payload["payload_on"], payload["payload_off"]}
+    # Retained by HA, so a switch flipped while the agent was away is applied when it comes back.
+    assert payload["retain"] is True and payload["qos"] == 1 and not payload.get("optimistic")
 
 
 def test_every_state_count_has_a_sensor(published, samples, agent):
     counted = set(samples[agent.topics.state][0]["counts"])
     sensed = {VALUE_JSON_PATH.findall(p["value_template"])[0].split(".")[-1]
-              for _, p, _ in published if ".counts." in p["value_template"]}
+              for _, p, _ in templated(published) if ".counts." in p["value_template"]}
     assert sensed == counted
 
 
@@ -484,7 +523,7 @@ def test_templates_render_as_home_assistant_renders_them(published, samples):
     from jinja2.sandbox import SandboxedEnvironment
 
     env = SandboxedEnvironment(undefined=jinja2.StrictUndefined)
-    for topic, payload, _ in published:
+    for topic, payload, _ in templated(published):
         template = env.from_string(payload["value_template"])
         for sample in payloads_for(payload["state_topic"], samples):
             rendered = template.render(value_json=sample, value=payloads.encode(sample))

@@ -89,10 +89,10 @@ def test_video_file_runs_to_completion_with_events_and_summaries(broker, subscri
     assert {"detect", "classify"} <= set(stats[-1]["latency_ms"])
     # Only a subscriber that arrives later sees the retain flag (3.1.1 clears it on live delivery).
     late = subscriber_factory(broker.port, f"{PREFIX}/#")
-    for suffix in ("state", "stats", "availability"):
+    for suffix in ("state", "stats", "availability", "analysis"):
         late.wait_for(lambda item, s=suffix: item[0] == f"{PREFIX}/{s}" and item[2])
     time.sleep(0.5)  # the broker sends its retained messages in one burst after the subscription
-    assert {t.rsplit("/", 1)[1] for t, _, _ in late.all} == {"state", "stats", "availability"}, \
+    assert {t.rsplit("/", 1)[1] for t, _, _ in late.all} == {"state", "stats", "availability", "analysis"}, \
         "events and summaries must never be retained"
 
 
