@@ -99,7 +99,7 @@ def _device(s: DiscoverySettings) -> dict[str, Any]:
         "identifiers": [s.node_id],
         "name": s.device_name,
         "manufacturer": "emotion-agent",
-        "model": "emotion-agent (BlazeFace + mini-Xception, TFLite)",
+        "model": "emotion-agent (BlazeFace + FER2013 expression model, TFLite)",
         "sw_version": __version__,
     }
 

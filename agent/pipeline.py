@@ -130,7 +130,7 @@ class _Loop:
 
 @dataclass
 class Agent:
-    """One run of the loop. Build it with `Agent.from_config`, then `run()`; `stop()` from any thread."""
+    """One run of the loop. Build it with `build_agent`, then `run()`; `stop()` from any thread."""
 
     cfg: Config
     source: FrameSource
