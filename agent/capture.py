@@ -130,6 +130,7 @@ def http_stream_problem(url: str, timeout_s: float) -> str | None:
     (404 Not Found: the path is wrong), an answer that is no video (the camera's web page), or no
     answer at all. None for other URLs. One GET, read up to its headers."""
     import http  # only where a stream fails to open
+    import http.client
     import ssl
     import urllib.error
     import urllib.parse
@@ -158,6 +159,8 @@ def http_stream_problem(url: str, timeout_s: float) -> str | None:
         except ValueError:
             phrase = "(an unknown status)"
         return f"the server answered {exc.code} {phrase}"
+    except http.client.HTTPException as exc:  # an RTSP server or the like on that port
+        return f"the server's answer is not HTTP ({type(exc).__name__})"
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, TimeoutError):
@@ -510,24 +513,34 @@ class LiveSource:
     def _run(self) -> None:
         delay = self._retry_initial
         while not self._stop.is_set():
-            if self._paused:
-                self._wait_for(lambda: not self._paused)
-                delay = self._retry_initial  # back on: opened at once
-                continue
-            cap = self._open()
-            if cap is None:
-                if self._status not in ("reconnecting", PAUSED):  # said once, as it goes
-                    self._set_status("reconnecting", f"cannot open it: {self._why_not_open()}")
+            try:
+                delay = self._attempt(delay)
+            except Exception as exc:  # a dead capture thread would leave the agent blind until a restart
+                self._set_status("reconnecting", f"{type(exc).__name__}: {exc}")
                 self._wait_for(lambda: self._paused, delay)
                 delay = min(delay * 2, self._retry_max)
-                continue
+
+    def _attempt(self, delay: float) -> float:
+        """One open-and-read of the source (or one wait while paused); the next backoff delay."""
+        if self._paused:
+            self._wait_for(lambda: not self._paused)
+            return self._retry_initial  # back on: opened at once
+        cap = self._open()
+        if cap is None:
+            if self._status not in ("reconnecting", PAUSED):  # said once, as it goes
+                self._set_status("reconnecting", f"cannot open it: {self._why_not_open()}")
+            self._wait_for(lambda: self._paused, delay)
+            return min(delay * 2, self._retry_max)
+        try:
             if self._read_until_lost(cap):
                 delay = self._retry_initial
+        finally:
             cap.release()
-            if not (self._stop.is_set() or self._paused):
-                self._set_status("reconnecting", "it stopped giving frames")
-                self._wait_for(lambda: self._paused, delay)
-                delay = min(delay * 2, self._retry_max)
+        if not (self._stop.is_set() or self._paused):
+            self._set_status("reconnecting", "it stopped giving frames")
+            self._wait_for(lambda: self._paused, delay)
+            delay = min(delay * 2, self._retry_max)
+        return delay
 
     def _wait_for(self, condition: Callable[[], bool], timeout: float | None = None) -> None:
         """Waits until `condition()` (checked whenever pause, resume or close notify), the source is

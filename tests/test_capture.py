@@ -1,5 +1,6 @@
 import logging
 import sys
+import threading
 import time
 
 import cv2
@@ -439,6 +440,39 @@ def test_a_stream_url_with_nothing_listening_says_so(caplog, live_source):
         source = live_source(url, retry_initial_s=0.05, retry_max_s=0.1)
         assert wait_until(lambda: source.status() == "reconnecting", timeout=10) < 10
     assert "reconnecting (cannot open it: no connection (Connection refused); retrying" in caplog.text
+
+
+def test_a_stream_url_whose_server_speaks_no_http_is_said_and_the_capture_goes_on(caplog, live_source):
+    # An RTSP server on the port of an http:// URL: the probe's BadStatusLine killed the capture
+    # thread, which then never retried.
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    answered = threading.Event()
+
+    def answer_like_rtsp():
+        listener.settimeout(10)
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            client.recv(4096)
+            client.sendall(b"RTSP/1.0 400 Bad Request\r\n\r\n")
+            client.close()
+            answered.set()
+
+    threading.Thread(target=answer_like_rtsp, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/stream"
+    try:
+        with caplog.at_level(logging.INFO, logger="agent.capture"):
+            source = live_source(url, retry_initial_s=0.05, retry_max_s=0.1)
+            assert wait_until(lambda: source.status() == "reconnecting", timeout=10) < 10
+            answered.clear()
+            assert answered.wait(5), "the capture thread stopped retrying"
+    finally:
+        listener.close()
+    assert "reconnecting (cannot open it: the server's answer is not HTTP (BadStatusLine); retrying" in caplog.text
 
 
 def test_a_stream_that_reboots_comes_back_with_one_line_each_way(mjpeg_server, caplog, live_source):
