@@ -254,7 +254,9 @@ class Agent:
         if not (max_fps and self.source.live):
             return
         until = frame_started + 1.0 / max_fps
-        while (rest := until - time.monotonic()) > 0 and not self._stop.wait(min(rest, PACE_SLICE_S)):
+        # an OFF ends the rest at once: the camera must close within a second, whatever max_fps says
+        while (rest := until - time.monotonic()) > 0 and not self._stop.is_set() and self.switch.enabled:
+            self.switch.wait_changed(min(rest, PACE_SLICE_S))
             self.notifier.watchdog()
 
     def _is_due(self, frame) -> bool:
@@ -314,8 +316,11 @@ class Agent:
 
     def run(self) -> RunResult:
         loop = self._begin()
-        while not self._stop.is_set() and self._step(loop):
-            pass
+        try:
+            while not self._stop.is_set() and self._step(loop):
+                pass
+        finally:
+            loop.frames.close()  # stops DetectAhead's thread, before anyone releases the video under it
         self._finish(loop)
         return loop.result
 
@@ -494,7 +499,6 @@ class Agent:
 
     def _finish(self, loop: _Loop) -> None:
         """The end: every open face is lost, then a final summary, state and stats."""
-        loop.frames.close()  # stops DetectAhead's thread
         if (self.preview is not None and loop.shown is not None and self.source.still
                 and not loop.result.stopped_by_user):
             self.preview.hold(loop.shown.image, loop.faces, self.times.fps(), self._stop.is_set)

@@ -100,6 +100,7 @@ class Supervisor:
             # interpreter refuses): carry on with the one that ran.
             logger.error("SIGHUP: cannot start with the new configuration, keeping the old one: %s", exc)
             self.cfg, self._previous_cfg = self._previous_cfg, None
+            self.switch.configure(self.cfg.camera.enabled)  # the rejected config's setting goes with it
             return None
 
     def _run_agent(self, agent: Agent) -> RunResult:

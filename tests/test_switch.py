@@ -234,6 +234,19 @@ def test_off_closes_the_stream_within_a_second_and_on_brings_the_events_back(bro
     assert "analysis switched OFF by sw/agent/analysis/set" in err and "Traceback" not in err
 
 
+def test_off_closes_the_stream_within_a_second_even_in_a_long_max_fps_rest(broker, subscriber_factory,
+                                                                            mjpeg_server, start_agent):
+    # The rest between two frames waited on a stop only: at max_fps 0.1 the camera closed 9 s late.
+    server = mjpeg_server([face_jpeg()], fps=10)
+    sub = subscriber_factory(broker.port, f"{ROOT}/#")
+    proc, _ = start_agent(broker.port, server.url, camera="  max_fps: 0.1\n")
+    sub.wait_for(lambda m: m[0] == f"{ROOT}/event/face_appeared", timeout=60)
+    command(sub, "OFF")
+    assert wait_until(lambda: server.streaming() == 0, timeout=1.5) < 1.5
+    code, _, err = stop_agent(proc)
+    assert code == 0, err
+
+
 def test_a_retained_off_at_start_keeps_a_new_agent_paused_without_opening_the_stream(broker, subscriber_factory,
                                                                                     mjpeg_server, start_agent):
     server = mjpeg_server([face_jpeg()], fps=10)
