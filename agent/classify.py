@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Below this tilt a crop is taken as it is: levelling it would only resample the pixels.
 MIN_ROLL_DEG = 3.0
+# Beyond this the eye points of a face in profile have crossed: the "tilt" would turn it upside down.
+MAX_ROLL_DEG = 60.0
 
 
 class EmotionClassifier(Protocol):
@@ -78,7 +80,7 @@ def crop_face(image: np.ndarray, box: Box, margin: float) -> np.ndarray:
 def level_face(image: np.ndarray, box: Box, margin: float, roll: float) -> np.ndarray:
     """`crop_face`, turned by `roll` degrees about the box's centre so that the eyes are level, as
     they are in FER2013's faces."""
-    if abs(roll) < MIN_ROLL_DEG:
+    if not MIN_ROLL_DEG <= abs(roll) <= MAX_ROLL_DEG:
         return crop_face(image, box, margin)
     # a crop half as wide again holds the turned square up to 45 degrees, edges included
     wide = crop_face(image, box, margin * 1.5 + 0.25)
