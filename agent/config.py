@@ -179,7 +179,7 @@ class CameraConfig(Section):
     height: int | None = Field(None, ge=16, le=16384,
                                description="Requested capture height in pixels (null: the camera's default).")
     fps: Number | None = Field(None, gt=0, le=1000, description="Requested capture rate (null: the camera's default).")
-    max_fps: Number | None = Field(None, gt=0, le=1000, description="Process at most this many frames a second "
+    max_fps: Number | None = Field(None, ge=0.001, le=1000, description="Process at most this many frames a second "
                                    "(null: as fast as frames come); saves CPU on a Pi.")
     retry_initial_s: Number = Field(1.0, ge=0.05, le=3600,
                                     description="First wait before reopening a failed camera or stream.")

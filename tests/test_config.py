@@ -110,6 +110,8 @@ BAD_CONFIGS = [
     ("classifier:\n  crop_margin: 5\n", "classifier.crop_margin: expected at most 1, got 5.0"),
     ("smoothing:\n  window_s: 0\n", "smoothing.window_s: expected greater than 0"),
     ("smoothing:\n  window_s: .nan\n", "smoothing.window_s: expected a finite number"),
+    # a frame every 17 minutes at the least: 1e-300 validated, then rested for good after its first frame
+    ("camera:\n  max_fps: 1e-300\n", "camera.max_fps: expected at least 0.001"),
     ("smoothing:\n  confidence_gate: -0.1\n", "smoothing.confidence_gate: expected at least 0"),
     ("tracking:\n  max_gap_s: null\n", "tracking.max_gap_s: expected a number, got null"),
     ("log_level: loud\n", "log_level: expected 'debug', 'info', 'warning' or 'error', got 'loud'"),
