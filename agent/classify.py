@@ -105,7 +105,7 @@ def scale_to_unit(gray: np.ndarray) -> np.ndarray:
     return gray.astype(np.float32) / 127.5 - 1.0
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
@@ -171,7 +171,7 @@ class TFLiteEmotionClassifier:
         raw = dequantize(self._interpreter.get_tensor(self._output["index"]).reshape(-1), self._output_quant)
         if self._needs_softmax is None:
             self._needs_softmax = not _is_probabilities(raw)
-        return _softmax(raw) if self._needs_softmax else raw
+        return softmax(raw) if self._needs_softmax else raw
 
     def classify_faces(self, gray_faces: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """(N, 7) probabilities for already-cropped uint8 gray faces: an (N, H, W) array, or a

@@ -20,11 +20,12 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from agent.classify import TFLiteEmotionClassifier, resize_face, scale_to_unit, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ def load_train(data: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load_publictest(data: Path) -> tuple[np.ndarray, np.ndarray]:
     from agent.tools.eval_emotion import load_folder
-    from agent.classify import resize_face
     faces = load_folder(data / "publictest")
     return np.stack([resize_face(f, (SIZE, SIZE)) for f in faces.faces]), faces.labels
 
@@ -122,19 +122,15 @@ def augmenter(tf, keras, seed: int):
 
 
 def scale(images: np.ndarray) -> np.ndarray:
-    return (images.astype(np.float32) / 127.5 - 1.0)[..., None]
+    """uint8 faces (N, 48, 48) as the (N, 48, 48, 1) input the daemon gives the model."""
+    return scale_to_unit(images)[..., None]
 
 
 def predict_flip(model, images: np.ndarray) -> np.ndarray:
     """Mean softmax of `model` (logits out) over each face and its mirror image."""
     x = scale(images)
     logits = model.predict(x, batch_size=512, verbose=0) + model.predict(x[:, :, ::-1], batch_size=512, verbose=0)
-    return _softmax(logits / 2)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    return softmax(logits / 2)
 
 
 def cosine_lr(epoch: int, epochs: int, peak: float, warmup: int = 2) -> float:
@@ -145,7 +141,6 @@ def cosine_lr(epoch: int, epochs: int, peak: float, warmup: int = 2) -> float:
 
 def train(args) -> Path:
     tf, keras = _keras()
-    tf.keras.utils.set_random_seed(args.seed)
     keras.utils.set_random_seed(args.seed)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -213,7 +208,7 @@ def fer_network(keras, workdir: Path):
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature that minimises PublicTest's negative log-likelihood."""
     grid = np.arange(0.25, 4.001, 0.01)
-    nll = [-np.mean(np.log(_softmax(logits / t)[np.arange(len(labels)), labels] + 1e-12)) for t in grid]
+    nll = [-np.mean(np.log(softmax(logits / t)[np.arange(len(labels)), labels] + 1e-12)) for t in grid]
     return float(grid[int(np.argmin(nll))])
 
 
@@ -222,17 +217,17 @@ def ensemble(keras, tf, net, fer, fer_weight: float, temperature: float, mirror:
     the face upscaled to its 64x64, as it was trained on FER2013's 48x48 faces), on the face and, with
     `mirror`, its mirror image, averaged with `fer_weight`, divided by `temperature`, softmaxed."""
     layers = keras.layers
+
+    def mean(tensors):
+        return layers.Average()(tensors) if len(tensors) > 1 else tensors[0]
+
     face = keras.Input((SIZE, SIZE, 1), batch_size=1, name="face")
     views = [face, layers.Lambda(lambda t: tf.reverse(t, axis=[2]), name="mirror")(face)] if mirror else [face]
-    logits = [net(v) for v in views]
+    mixed = mean([net(v) for v in views])
     if fer_weight > 0:
         upscale = layers.Resizing(64, 64, interpolation="bilinear", name="upscale")
-        mine = layers.Average()(logits) if len(logits) > 1 else logits[0]
-        theirs = [fer(upscale(v)) for v in views]
-        theirs = layers.Average()(theirs) if len(theirs) > 1 else theirs[0]
-        mixed = layers.Lambda(lambda z: (1 - fer_weight) * z[0] + fer_weight * z[1], name="mix")([mine, theirs])
-    else:
-        mixed = layers.Average()(logits) if len(logits) > 1 else logits[0]
+        theirs = mean([fer(upscale(v)) for v in views])
+        mixed = layers.Lambda(lambda z: (1 - fer_weight) * z[0] + fer_weight * z[1], name="mix")([mixed, theirs])
     scaled = layers.Lambda(lambda z: z / temperature, name="temperature")(mixed)
     return keras.Model(face, layers.Softmax(name="probabilities")(scaled), name="emotion_ensemble")
 
@@ -240,7 +235,6 @@ def ensemble(keras, tf, net, fer, fer_weight: float, temperature: float, mirror:
 def export(args, best_path: Path) -> None:
     """Chooses fer's weight and the temperature on PublicTest, then writes the float32 and int8 files."""
     tf, keras = _keras()
-    from agent.classify import TFLiteEmotionClassifier
     from agent.tools.eval_emotion import expected_calibration_error
     net = keras.models.load_model(best_path, compile=False)
     fer = fer_network(keras, args.workdir)
@@ -255,8 +249,8 @@ def export(args, best_path: Path) -> None:
     accuracy, fer_weight = max(scored)
     mixed = (1 - fer_weight) * mine + fer_weight * theirs
     temperature = fit_temperature(mixed, val_labels)
-    ece_before = expected_calibration_error(_softmax(mixed), val_labels)
-    ece_after = expected_calibration_error(_softmax(mixed / temperature), val_labels)
+    ece_before = expected_calibration_error(softmax(mixed), val_labels)
+    ece_after = expected_calibration_error(softmax(mixed / temperature), val_labels)
     print(f"PublicTest: network alone {np.mean(mine.argmax(1) == val_labels):.4f}, fer alone "
           f"{np.mean(theirs.argmax(1) == val_labels):.4f}, mixed (fer weight {fer_weight}) {accuracy:.4f}; "
           f"temperature {temperature:.2f}: ECE {ece_before:.4f} -> {ece_after:.4f}")
