@@ -45,15 +45,6 @@ STATUS_STATS_MIN_S = 1.0
 PAUSE_SLICE_S = 1.0
 
 
-# The stages from the whole config, each built from its own section (run, check-config, the tools).
-def make_detector_from(cfg: Config) -> FaceDetector:
-    return make_detector(cfg.detector)
-
-
-def make_classifier_from(cfg: Config) -> EmotionClassifier:
-    return make_classifier(cfg.classifier)
-
-
 def make_tracker_from(cfg: Config, first_id: int = 1) -> FaceStateTracker:
     return FaceStateTracker(cfg.tracking, cfg.smoothing, first_id=first_id)
 
@@ -200,6 +191,10 @@ class Agent:
         self._stats_camera = payload["camera"]
         self._stats_at = time.monotonic()
         self._publish(self.topics.stats, payload, retain=True)
+
+    def _stats_due(self) -> bool:
+        """A stats interval has passed since the last stats (on the wall clock, for loops without frames)."""
+        return time.monotonic() - self._stats_at >= self.cfg.mqtt.stats_interval_s
 
     def _camera_status_changed(self) -> bool:
         """Whether a live camera's status moved on from what the last stats said: its change goes
@@ -354,7 +349,7 @@ class Agent:
         run is over."""
         paused = not self.switch.enabled
         if paused != self._paused:
-            (self._pause if paused else self._resume)(loop)
+            self._set_paused(loop, paused)
         if paused:
             self._paused_step(loop)
             return True
@@ -455,29 +450,26 @@ class Agent:
         if lost:
             self._report_lost(lost, loop.window, loop.result)
             self._set_state(loop, self.tracker.faces())
-        if time.monotonic() - self._stats_at >= self.cfg.mqtt.stats_interval_s or self._camera_status_changed():
+        if self._stats_due() or self._camera_status_changed():
             self._publish_stats()
 
-    def _pause(self, loop: _Loop) -> None:
-        """Analysis switched off: the source lets go of the camera, the faces in view are lost (once),
-        and the state, the switch and the stats say paused."""
-        self._paused = True
-        self.source.pause()
-        self._report_lost(self.tracker.close(loop.now), loop.window, loop.result)
+    def _set_paused(self, loop: _Loop, paused: bool) -> None:
+        """Analysis switched off: the source lets go of the camera and the faces in view are lost
+        (once). Back on: the source opens it again (or the file goes on), and new faces get new ids,
+        as the tracker goes on counting. Either way the state, the switch and the stats say so."""
+        self._paused = paused
+        if paused:
+            self.source.pause()
+            self._report_lost(self.tracker.close(loop.now), loop.window, loop.result)
+        else:
+            self.source.resume()
         self._set_state(loop, [])
         self._publish_analysis()
         self._publish_stats()
-        logger.info("analysis paused: %s", "the camera is closed" if self.source.live else "the file is not read")
-
-    def _resume(self, loop: _Loop) -> None:
-        """Analysis back on: the source opens the camera again (or the file goes on); new faces get
-        new ids, as the tracker goes on counting."""
-        self._paused = False
-        self.source.resume()
-        self._set_state(loop, [])
-        self._publish_analysis()
-        self._publish_stats()
-        logger.info("analysis resumed")
+        if not paused:
+            logger.info("analysis resumed")
+        else:
+            logger.info("analysis paused: %s", "the camera is closed" if self.source.live else "the file is not read")
 
     def _paused_step(self, loop: _Loop) -> None:
         """While paused nothing is read. The agent is not hung: the watchdog is pinged, and the stats
@@ -485,10 +477,9 @@ class Agent:
         intervals, on the wall clock."""
         self.notifier.status("analysis paused")
         self.notifier.watchdog()
-        now = time.monotonic()
-        if now - self._stats_at >= self.cfg.mqtt.stats_interval_s:
+        if self._stats_due():
             self._publish_stats()
-        if now - self._state_at >= self.cfg.mqtt.summary_interval_s:
+        if time.monotonic() - self._state_at >= self.cfg.mqtt.summary_interval_s:
             self._publish_state([])
         self.switch.wait_changed(PAUSE_SLICE_S)
 
@@ -528,8 +519,8 @@ def build_agent(cfg: Config, *, show: bool = False, realtime: bool = False, loop
     if source is None:
         source = make_source(cfg.source, cfg.camera, realtime=realtime, loop=loop, start_index=start_index)
     try:
-        detector = make_detector_from(cfg)
-        classifier = make_classifier_from(cfg)
+        detector = make_detector(cfg.detector)
+        classifier = make_classifier(cfg.classifier)
     except BaseException:
         # The source may already run a decode thread: left running, it aborts the interpreter
         # at exit ("terminate called without an active exception") after the one-line error.

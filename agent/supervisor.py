@@ -77,7 +77,7 @@ class Supervisor:
             if agent is None:
                 continue
             result = self._run_agent(agent)
-            if not (self.reload_pending.is_set() and not self.terminate.is_set()):
+            if self.terminate.is_set() or not self.reload_pending.is_set():
                 return self._finish(agent, result)
             self.reload_pending.clear()
             self._reload_after(agent, result)

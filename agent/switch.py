@@ -43,7 +43,11 @@ class AnalysisSwitch:
     @property
     def enabled(self) -> bool:
         with self._lock:
-            return self._configured if self._commanded is None else self._commanded
+            return self._decided()
+
+    def _decided(self) -> bool:
+        """The last command, or the config without one (the caller holds the lock)."""
+        return self._configured if self._commanded is None else self._commanded
 
     @property
     def commanded(self) -> bool:
@@ -71,7 +75,7 @@ class AnalysisSwitch:
                 logger.warning("%s: ignored %r: expected ON or OFF", topic, payload[:64].decode("utf-8", "replace"))
             return
         with self._lock:
-            was = self._configured if self._commanded is None else self._commanded
+            was = self._decided()
             self._commanded = enabled
         if enabled != was:
             logger.info("analysis switched %s by %s%s", state_word(enabled), topic,
