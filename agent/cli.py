@@ -106,12 +106,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
                           + (what if what.startswith("source") else f"source: {what}")) from None
     # What `run` loads before its first frame, so that OK here means it starts there.
     from agent.mqtt import check_tls_files
-    from agent.pipeline import make_classifier_from, make_detector_from
+    from agent.classify import make_classifier
+    from agent.detect import make_detector
 
     if cfg.mqtt.tls.enabled:
         check_tls_files(cfg.mqtt.tls.ca_file, cfg.mqtt.tls.cert_file, cfg.mqtt.tls.key_file)
-    make_detector_from(cfg)
-    make_classifier_from(cfg)
+    make_detector(cfg.detector)
+    make_classifier(cfg.classifier)
     waiting = " (not present now: run waits for it)" if camera_device_missing(kind, target) else ""
     print(f"{args.file}: OK (source {redact_url(cfg.source)}: {kind}{waiting}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
           f"detector {cfg.detector.kind})")

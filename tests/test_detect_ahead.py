@@ -85,7 +85,9 @@ def test_the_agent_on_a_video_emits_exactly_what_inline_detection_gives(tmp_path
     from agent.config import load_config
     from agent.tools.flicker import face_sequences, observe_video
     from agent.mqtt import MemoryPublisher
-    from agent.pipeline import build_agent, make_classifier_from, make_detector_from, make_tracker_from
+    from agent.classify import make_classifier
+    from agent.detect import make_detector
+    from agent.pipeline import build_agent, make_tracker_from
     from tests.test_end_to_end import still_video
 
     video = str(still_video(tmp_path / "clip.avi", seconds=6, fps=10))
@@ -96,7 +98,7 @@ def test_the_agent_on_a_video_emits_exactly_what_inline_detection_gives(tmp_path
     agent.source.close()
     seen = [(m.topic.rsplit("/", 1)[1], json.loads(m.payload)) for m in publisher.messages
             if m.topic.startswith("t/a/event/")]
-    observed, _ = observe_video(video, make_detector_from(cfg), make_classifier_from(cfg),
+    observed, _ = observe_video(video, make_detector(cfg.detector), make_classifier(cfg.classifier),
                                 detect_interval_s=cfg.detector.interval_s)
     _, expected = face_sequences(observed, make_tracker_from(cfg))
     expected = [(payloads.event_kind(e), payloads.event_payload(e, 0.0)) for e in expected]

@@ -33,27 +33,27 @@ def command(args: argparse.Namespace) -> int:
         raise SourceError(f"not found: {target}")
     if args.faces:
         from agent.tools.eval_faces import evaluate_detector, format_report
-        from agent.pipeline import make_detector_from
+        from agent.detect import make_detector
 
         xmls = sorted(target.glob("*.xml")) if target.is_dir() else [target]
         if not xmls:
             raise SourceError(f"no imglab .xml files in {target}")
-        result = evaluate_detector(xmls, make_detector_from(cfg))
+        result = evaluate_detector(xmls, make_detector(cfg.detector))
     elif args.margins is not None:
         from agent.model_files import DEFAULT_EMOTION_MODEL, model_path
         from agent.tools.eval_margin import evaluate_margins, format_report
-        from agent.pipeline import make_detector_from
+        from agent.detect import make_detector
 
         margins = _floats(args.margins)
         classifier_model = model_path(cfg.classifier.model, DEFAULT_EMOTION_MODEL)
-        result = evaluate_margins(target, make_detector_from(cfg), classifier_model, margins, limit=args.limit)
+        result = evaluate_margins(target, make_detector(cfg.detector), classifier_model, margins, limit=args.limit)
     else:
         from agent.tools.eval_emotion import evaluate_folder, format_report
-        from agent.pipeline import make_classifier_from
+        from agent.classify import make_classifier
 
         if not target.is_dir():
             raise SourceError(f"expected a folder with one sub-folder per class: {target}")
-        result = evaluate_folder(target, make_classifier_from(cfg), limit=args.limit)
+        result = evaluate_folder(target, make_classifier(cfg.classifier), limit=args.limit)
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_report(result))
     if args.plot:
         from agent.tools.eval_emotion import plot_confusion

@@ -462,13 +462,14 @@ def parse_setting(item: str) -> tuple[str, object]:
 
 def _run(args: argparse.Namespace, cfg) -> int:
     from agent.config import load_config
-    from agent.pipeline import make_classifier_from, make_detector_from
+    from agent.classify import make_classifier
+    from agent.detect import make_detector
 
     s = cfg.smoothing
     print(f"smoothing: window_s={s.window_s} change_margin={s.change_margin} dwell_s={s.dwell_s} "
           f"confidence_gate={s.confidence_gate}; tracking: max_gap_s={cfg.tracking.max_gap_s}; "
           f"detector every {cfg.detector.interval_s} s; every {args.every} frame(s)")
-    detector, classifier = make_detector_from(cfg), make_classifier_from(cfg)
+    detector, classifier = make_detector(cfg.detector), make_classifier(cfg.classifier)
     options = dict(every=args.every, hold_s=args.hold_s, horizon_s=args.horizon_s, max_frames=args.max_frames)
     plain = measure_videos(args.videos, cfg, detector, classifier, report=print, **options)
     if len(args.videos) > 1:
@@ -485,7 +486,8 @@ def _run(args: argparse.Namespace, cfg) -> int:
     if args.agreement:
         # The reference: the built-in defaults with the detector on every frame, whatever --config says.
         reference_cfg = load_config(None, {"detector.interval_s": 0})
-        reference_detector, reference_classifier = make_detector_from(reference_cfg), make_classifier_from(reference_cfg)
+        reference_detector = make_detector(reference_cfg.detector)
+        reference_classifier = make_classifier(reference_cfg.classifier)
         total = Agreement()
         for seed, run in zip([None, *range(1, args.noise_runs + 1)], runs):
             reference = measure_videos(args.videos, reference_cfg, reference_detector, reference_classifier,
