@@ -129,8 +129,7 @@ def http_stream_problem(url: str, timeout_s: float) -> str | None:
     """What an http(s) URL that OpenCV cannot open answers, in a few words: an HTTP error status
     (404 Not Found: the path is wrong), an answer that is no video (the camera's web page), or no
     answer at all. None for other URLs. One GET, read up to its headers."""
-    import http  # only where a stream fails to open
-    import http.client
+    import http.client  # only where a stream fails to open
     import ssl
     import urllib.error
     import urllib.parse
@@ -517,8 +516,12 @@ class LiveSource:
                 delay = self._attempt(delay)
             except Exception as exc:  # a dead capture thread would leave the agent blind until a restart
                 self._set_status("reconnecting", f"{type(exc).__name__}: {exc}")
-                self._wait_for(lambda: self._paused, delay)
-                delay = min(delay * 2, self._retry_max)
+                delay = self._back_off(delay)
+
+    def _back_off(self, delay: float) -> float:
+        """Waits `delay` (or until paused or closed); the next, doubled delay."""
+        self._wait_for(lambda: self._paused, delay)
+        return min(delay * 2, self._retry_max)
 
     def _attempt(self, delay: float) -> float:
         """One open-and-read of the source (or one wait while paused); the next backoff delay."""
@@ -529,8 +532,7 @@ class LiveSource:
         if cap is None:
             if self._status not in ("reconnecting", PAUSED):  # said once, as it goes
                 self._set_status("reconnecting", f"cannot open it: {self._why_not_open()}")
-            self._wait_for(lambda: self._paused, delay)
-            return min(delay * 2, self._retry_max)
+            return self._back_off(delay)
         try:
             if self._read_until_lost(cap):
                 delay = self._retry_initial
@@ -538,8 +540,7 @@ class LiveSource:
             cap.release()
         if not (self._stop.is_set() or self._paused):
             self._set_status("reconnecting", "it stopped giving frames")
-            self._wait_for(lambda: self._paused, delay)
-            delay = min(delay * 2, self._retry_max)
+            delay = self._back_off(delay)
         return delay
 
     def _wait_for(self, condition: Callable[[], bool], timeout: float | None = None) -> None:
@@ -574,7 +575,8 @@ class LiveSource:
             self._corrupt += failures  # reads that failed between good frames: damaged ones, skipped
             failures = 0
             got = True
-            self._set_status("ok")  # logged when the camera is back, not on every frame
+            if self._status != "ok":  # logged when the camera is back; no lock taken on every frame
+                self._set_status("ok")
             self._keep(image)
         return got
 

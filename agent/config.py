@@ -629,7 +629,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
 def hostname() -> str:
     """The host name as a topic-safe token."""
     name = socket.gethostname().split(".")[0] or "localhost"
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    return topic_safe(name)
 
 
 def topic_root(cfg: MqttConfig) -> str:
@@ -639,6 +639,11 @@ def topic_root(cfg: MqttConfig) -> str:
 def default_topic_root(host: str) -> str:
     """The topic root on `host` of an agent left with the default topic_prefix."""
     return DEFAULT_TOPIC_PREFIX.replace("{hostname}", host)
+
+
+def topic_safe(text: str) -> str:
+    """`text` with every character a topic level or client id should not carry made `_`."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 def short_hash(text: str) -> str:
@@ -656,7 +661,7 @@ def client_id(cfg: MqttConfig) -> str:
     root = topic_root(cfg)
     if root == default_topic_root(hostname()):
         return base
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", root.replace("/", "-"))[:64]
+    safe = topic_safe(root.replace("/", "-"))[:64]
     return f"{base}-{safe}-{short_hash(root)}"
 
 

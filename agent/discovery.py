@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.config import default_topic_root, short_hash
+from agent.config import default_topic_root, short_hash, topic_safe
 from agent.mqtt import OFFLINE, ONLINE
 from agent.switch import ANALYSIS_OFF, ANALYSIS_ON
 from agent.topics import EVENT_KINDS, Topics
@@ -80,7 +79,7 @@ def node_id_for(client_id: str) -> str:
     """The client id as a topic-safe node id (HA's device identifier, and a level of each discovery
     topic): as it is when it is already safe (the default client id always is); else made safe and
     followed by a short hash of it, so that `a b` and `a_b` stay two devices."""
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", client_id)
+    safe = topic_safe(client_id)
     return safe if safe == client_id else f"{safe}_{short_hash(client_id)}"
 
 
